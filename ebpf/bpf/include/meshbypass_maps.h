@@ -1,0 +1,230 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * Every map and every struct shared between the kernel programs and user
+ * space. The Rust side (ebpf/src/abi.rs) mirrors each struct with #[repr(C)]
+ * and a compile-time size assert; change both together and bump
+ * MB_LAYOUT_VERSION whenever a pinned map's key, value or type changes.
+ */
+#ifndef MESHBYPASS_MAPS_H
+#define MESHBYPASS_MAPS_H
+
+#include <linux/types.h>
+
+/* Stamped into mb_config by the shared loader once every pin exists. */
+#define MB_LAYOUT_VERSION 1
+
+/* Acceleration modes, as written by the plugin into struct mb_pod.mode. */
+#define MB_MODE_AUTO 0       /* all if the node's selftest passed, else proxy-only */
+#define MB_MODE_ALL 1        /* redirect every paired direction */
+#define MB_MODE_PROXY_ONLY 2 /* redirect only into the sidecar proxy's sockets */
+#define MB_MODE_OFF 3        /* track nothing */
+
+/* mb_config.kernel_flags */
+#define MB_KERNEL_PROBED (1u << 0)   /* a selftest verdict was recorded */
+#define MB_KERNEL_SAFE_ALL (1u << 1) /* the verdict: redirecting into any socket is safe */
+/* Hazards the selftest found (user space only; the programs read SAFE_ALL). */
+#define MB_KERNEL_HAZARD_REDIRECT (1u << 2) /* redirected data did not arrive */
+#define MB_KERNEL_HAZARD_SPLICE (1u << 3)   /* splice() readers hang or read EOF */
+#define MB_KERNEL_HAZARD_FIONREAD (1u << 4) /* FIONREAD misses redirected bytes */
+
+/* Counters: indexes into mb_counters (per CPU, summed by user space). */
+enum mb_counter {
+	MB_CTR_SOCKETS_TRACKED = 0, /* sockets put into the sockhashes */
+	MB_CTR_PAIRS_PLAIN = 1,     /* connections paired by their reversed tuple */
+	MB_CTR_PAIRS_NAT = 2,       /* connections paired across an iptables REDIRECT */
+	MB_CTR_REDIRECTED_MSGS = 3, /* sendmsg calls handed socket to socket */
+	MB_CTR_REDIRECTED_BYTES = 4,
+	MB_CTR_PASSTHROUGH_MSGS = 5, /* sendmsg calls of tracked sockets left to the stack */
+	MB_CTR_PAIRS_REFUSED = 6,    /* ambiguous or unexplained joins: no pairing */
+	MB_CTR_MAP_FULL = 7,         /* a map update failed: the socket stays on the stack */
+	MB_CTR_REDIRECT_FAILED = 8,  /* a paired peer was gone at send: fell back, sticky */
+	MB_CTR_PASSTHROUGH_BYTES = 9,
+	MB_CTR_STICKY = 10,          /* directions pinned to the stack for their life */
+	MB_CTR_MAX = 16,
+};
+
+/* An address as 16 bytes: IPv6, or IPv4 as ::ffff:a.b.c.d; network order. */
+struct mb_addr {
+	__u32 a[4];
+};
+
+/* One TCP socket: its netns and its 4-tuple as the socket sees it. Key of
+ * mb_tx, mb_rx and mb_pairs. Ports in host order. */
+struct mb_sock_key {
+	__u64 netns; /* netns cookie: loopback and 127.0.0.6 repeat across pods */
+	__u32 local_ip[4];
+	__u32 remote_ip[4];
+	__u16 local_port;
+	__u16 remote_port;
+	__u32 pad; /* zero */
+};
+
+/* The active side's local endpoint, in the active socket's netns. The passive
+ * side finds the same key from its remote endpoint, whatever NAT did to its
+ * local one. Key of mb_endpoints. */
+struct mb_endpoint_key {
+	__u64 netns;
+	__u32 ip[4];
+	__u16 port;
+	__u16 pad0;
+	__u32 pad1;
+};
+
+/* mb_endpoint.flags */
+#define MB_EP_ACTIVE (1u << 0)        /* the waiting socket connected (else it accepted) */
+#define MB_EP_CAN_RX (1u << 1)        /* it is in mb_rx: data may be redirected into it */
+#define MB_EP_REDIRECT_PORT (1u << 2) /* passive, on its pod's outbound or inbound proxy port */
+#define MB_EP_AMBIGUOUS (1u << 3)     /* two sockets claimed this endpoint: pair nobody */
+#define MB_EP_PROXY (1u << 4)         /* the waiting socket is the sidecar proxy's */
+
+/* The first of two sockets to establish, waiting for its other end. */
+struct mb_endpoint {
+	struct mb_sock_key key;
+	__u32 flags; /* MB_EP_* */
+	__u32 pad;
+};
+
+/* mb_pair.flags */
+#define MB_PAIR_NAT (1u << 0)
+
+/* A socket's paired peer: present only for directions allowed to redirect. */
+struct mb_pair {
+	struct mb_sock_key peer;
+	__u32 flags; /* MB_PAIR_* */
+	__u32 pad;
+};
+
+/* A registered pod: value of mb_pods (by IP) and mb_netns (by netns cookie). */
+struct mb_pod {
+	__u64 netns;         /* netns cookie of the pod */
+	__u32 proxy_uid;     /* the sidecar's UID; ~0 = none */
+	__u32 proxy_gid;     /* the sidecar's GID; ~0 = none */
+	__u16 outbound_port; /* REDIRECT target of outbound TCP (15001); 0 = none */
+	__u16 inbound_port;  /* REDIRECT target of inbound TCP (15006); 0 = none */
+	__u8 mode;           /* MB_MODE_* */
+	__u8 flags;          /* reserved, zero */
+	__u16 pad;
+};
+
+/* Node-wide settings, one entry. */
+struct mb_config {
+	__u32 layout_version; /* MB_LAYOUT_VERSION once the loader finished; 0 = incomplete */
+	__u32 kernel_flags;   /* MB_KERNEL_* */
+	__u64 probed_at;      /* unix seconds of the recorded selftest verdict */
+};
+
+/* mb_sk_state.flags */
+#define MB_SK_HAVE_UID (1u << 0)  /* uid/gid recorded at TCP_CONNECT_CB */
+#define MB_SK_TRACKED (1u << 1)   /* established and in the sockhashes */
+#define MB_SK_PROXY (1u << 2)     /* the sidecar proxy's socket */
+#define MB_SK_IN_RX (1u << 3)     /* in mb_rx */
+#define MB_SK_EP_OWNER (1u << 4)  /* it created mb_endpoints[ep] */
+#define MB_SK_STICKY (1u << 5)    /* a byte it sent went through the stack: never redirect */
+#define MB_SK_PEER_KNOWN (1u << 6) /* peer holds a key a redirect already succeeded with */
+
+/* Per-socket state (socket local storage). */
+struct mb_sk_state {
+	struct mb_sock_key self;
+	struct mb_sock_key peer;
+	struct mb_endpoint_key ep;
+	__u32 uid;
+	__u32 gid;
+	__u32 flags; /* MB_SK_* */
+	__u32 pad;
+};
+
+#ifdef __BPF__
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+
+/* Sockets whose sends may be redirected; the sk_msg program is attached here.
+ * Written by sockops at establishment; the kernel removes closed sockets. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, 65536);
+	__type(key, struct mb_sock_key);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mb_tx SEC(".maps");
+
+/* The only possible redirect targets; no program. In proxy-only mode only
+ * proxy sockets enter it, so a wrong key can never feed an app socket.
+ * Written by sockops, read by bpf_msg_redirect_hash in sk_msg. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, 65536);
+	__type(key, struct mb_sock_key);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mb_rx SEC(".maps");
+
+/* socket -> the peer its sends are redirected to. Written by sockops when the
+ * second end establishes, read by sk_msg until the peer is cached, deleted by
+ * sockops at close and by the plugin on pod DEL. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 131072);
+	__type(key, struct mb_sock_key);
+	__type(value, struct mb_pair);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mb_pairs SEC(".maps");
+
+/* endpoint -> the first end of a connection waiting for the second. Written and
+ * consumed by sockops; the owner deletes a leftover at close. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct mb_endpoint_key);
+	__type(value, struct mb_endpoint);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mb_endpoints SEC(".maps");
+
+/* pod IP -> pod. Written by the plugin (ADD/DEL), read by sockops to find the
+ * netns of a remote endpoint. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 8192);
+	__type(key, struct mb_addr);
+	__type(value, struct mb_pod);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mb_pods SEC(".maps");
+
+/* netns cookie -> pod. Written by the plugin, read by sockops: the datapath
+ * acts only on sockets of registered pods. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u64);
+	__type(value, struct mb_pod);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mb_netns SEC(".maps");
+
+/* Node-wide settings. Written by the loader and the selftest, read by sockops. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct mb_config);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mb_config SEC(".maps");
+
+/* Counters (enum mb_counter). Written by both programs, read by status. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, MB_CTR_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mb_counters SEC(".maps");
+
+/* Per-socket state. Written by sockops and sk_msg; freed with the socket. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct mb_sk_state);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mb_sk_state SEC(".maps");
+#endif /* __BPF__ */
+
+#endif /* MESHBYPASS_MAPS_H */

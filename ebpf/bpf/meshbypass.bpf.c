@@ -1,0 +1,387 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * The sockmap bypass: sockops tracks and pairs the TCP sockets of registered
+ * pods, sk_msg hands a paired socket's sends straight to its peer's receive
+ * queue. Invariants (../../DESIGN.md): never mis-deliver, never reorder,
+ * fall back to the stack on anything unknown.
+ */
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "meshbypass_maps.h"
+
+#define AF_INET 2
+#define AF_INET6 10
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+static __always_inline void count(__u32 idx, __u64 n)
+{
+	__u64 *v = bpf_map_lookup_elem(&mb_counters, &idx);
+
+	if (v)
+		*v += n;
+}
+
+static __always_inline int is_loopback(const __u32 a[4])
+{
+	if (a[0] == 0 && a[1] == 0 && a[2] == bpf_htonl(0xffff))
+		return (a[3] & bpf_htonl(0xff000000)) == bpf_htonl(0x7f000000);
+	return a[0] == 0 && a[1] == 0 && a[2] == 0 && a[3] == bpf_htonl(1);
+}
+
+static __always_inline int addr_eq(const __u32 a[4], const __u32 b[4])
+{
+	return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3];
+}
+
+static __always_inline int key_eq(const struct mb_sock_key *a, const struct mb_sock_key *b)
+{
+	return a->netns == b->netns && addr_eq(a->local_ip, b->local_ip) &&
+	       addr_eq(a->remote_ip, b->remote_ip) && a->local_port == b->local_port &&
+	       a->remote_port == b->remote_port;
+}
+
+/* The effective mode of a pod: auto follows the node's selftest verdict. */
+static __always_inline __u8 effective_mode(const struct mb_pod *pod)
+{
+	__u32 zero = 0;
+	struct mb_config *cfg;
+
+	if (pod->mode != MB_MODE_AUTO)
+		return pod->mode;
+	cfg = bpf_map_lookup_elem(&mb_config, &zero);
+	if (cfg && (cfg->kernel_flags & MB_KERNEL_SAFE_ALL))
+		return MB_MODE_ALL;
+	return MB_MODE_PROXY_ONLY;
+}
+
+/* The socket's key; 0 when the family is not TCP over IPv4/IPv6. Every ctx
+ * field is read once, unconditionally, before any branch: clang otherwise
+ * merges loads through a moved ctx pointer, which the verifier refuses. */
+static __always_inline int sock_key(struct bpf_sock_ops *s, __u64 netns, struct mb_sock_key *k)
+{
+	__u32 family = s->family;
+	__u32 lport = s->local_port;
+	__u32 rport = s->remote_port;
+	__u32 l4 = s->local_ip4, r4 = s->remote_ip4;
+	__u32 l6_0 = s->local_ip6[0], l6_1 = s->local_ip6[1];
+	__u32 l6_2 = s->local_ip6[2], l6_3 = s->local_ip6[3];
+	__u32 r6_0 = s->remote_ip6[0], r6_1 = s->remote_ip6[1];
+	__u32 r6_2 = s->remote_ip6[2], r6_3 = s->remote_ip6[3];
+
+	asm volatile("" ::: "memory");
+	k->netns = netns;
+	if (family == AF_INET) {
+		k->local_ip[0] = 0;
+		k->local_ip[1] = 0;
+		k->local_ip[2] = bpf_htonl(0xffff);
+		k->local_ip[3] = l4;
+		k->remote_ip[0] = 0;
+		k->remote_ip[1] = 0;
+		k->remote_ip[2] = bpf_htonl(0xffff);
+		k->remote_ip[3] = r4;
+	} else if (family == AF_INET6) {
+		k->local_ip[0] = l6_0;
+		k->local_ip[1] = l6_1;
+		k->local_ip[2] = l6_2;
+		k->local_ip[3] = l6_3;
+		k->remote_ip[0] = r6_0;
+		k->remote_ip[1] = r6_1;
+		k->remote_ip[2] = r6_2;
+		k->remote_ip[3] = r6_3;
+	} else {
+		return 0;
+	}
+	/* local_port is in host order; remote_port in network order (32 bits). */
+	k->local_port = (__u16)lport;
+	k->remote_port = (__u16)bpf_ntohl(rport);
+	k->pad = 0;
+	return 1;
+}
+
+static __always_inline void on_connect(struct bpf_sock_ops *skops)
+{
+	__u64 netns = bpf_get_netns_cookie(skops);
+	struct bpf_sock *sk = skops->sk;
+	struct mb_sk_state *st;
+	__u64 ugid;
+
+	if (!sk || !bpf_map_lookup_elem(&mb_netns, &netns))
+		return;
+	st = bpf_sk_storage_get(&mb_sk_state, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!st) {
+		count(MB_CTR_MAP_FULL, 1);
+		return;
+	}
+	/* connect() runs in the caller's context: this is the creating process. */
+	ugid = bpf_get_current_uid_gid();
+	st->uid = (__u32)ugid;
+	st->gid = (__u32)(ugid >> 32);
+	st->flags |= MB_SK_HAVE_UID;
+}
+
+/* Write both directions of a pair, each only when allowed. */
+static __always_inline void write_pair(const struct mb_sock_key *from, __u32 from_tx_ok,
+				       const struct mb_sock_key *to, __u32 to_rx_ok, __u32 flags)
+{
+	struct mb_pair p = {};
+
+	if (!from_tx_ok || !to_rx_ok)
+		return;
+	p.peer = *to;
+	p.flags = flags;
+	if (bpf_map_update_elem(&mb_pairs, from, &p, BPF_ANY))
+		count(MB_CTR_MAP_FULL, 1);
+}
+
+static __always_inline void on_established(struct bpf_sock_ops *skops, int active)
+{
+	__u64 netns = bpf_get_netns_cookie(skops);
+	struct bpf_sock *sk = skops->sk;
+	struct mb_endpoint_key ek = {};
+	struct mb_endpoint ev = {};
+	struct mb_endpoint *other;
+	struct mb_sk_state *st;
+	struct mb_pod *pod;
+	struct mb_pod *remote_pod;
+	__u32 can_rx = 0, is_proxy = 0, on_redirect_port = 0;
+	__u8 mode;
+	long err;
+
+	if (!sk)
+		return;
+	pod = bpf_map_lookup_elem(&mb_netns, &netns);
+	if (!pod)
+		return;
+	mode = effective_mode(pod);
+	if (mode == MB_MODE_OFF)
+		return;
+
+	st = bpf_sk_storage_get(&mb_sk_state, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!st) {
+		count(MB_CTR_MAP_FULL, 1);
+		return;
+	}
+	/* Programs attached at two cgroup levels run twice: act once. */
+	if (st->flags & MB_SK_TRACKED)
+		return;
+	if (!sock_key(skops, netns, &st->self))
+		return;
+
+	/* Where the other end lives: the endpoint key names the active side. */
+	if (active) {
+		ek.netns = netns;
+		__builtin_memcpy(ek.ip, st->self.local_ip, sizeof(ek.ip));
+		ek.port = st->self.local_port;
+		ev.flags = MB_EP_ACTIVE;
+	} else {
+		if (is_loopback(st->self.remote_ip)) {
+			ek.netns = netns;
+		} else {
+			remote_pod = bpf_map_lookup_elem(&mb_pods, st->self.remote_ip);
+			if (!remote_pod)
+				return; /* off-node or unregistered peer: nothing to pair with */
+			ek.netns = remote_pod->netns;
+		}
+		__builtin_memcpy(ek.ip, st->self.remote_ip, sizeof(ek.ip));
+		ek.port = st->self.remote_port;
+	}
+
+	/* Classify: proxy sockets are the proxy UID's active ones and the
+	 * accepted ones on the pod's redirect ports. */
+	if (active) {
+		if ((st->flags & MB_SK_HAVE_UID) && pod->proxy_uid != (__u32)~0 &&
+		    st->uid == pod->proxy_uid)
+			is_proxy = 1;
+	} else {
+		__u16 lp = st->self.local_port;
+
+		if ((pod->outbound_port && lp == pod->outbound_port) ||
+		    (pod->inbound_port && lp == pod->inbound_port)) {
+			is_proxy = 1;
+			on_redirect_port = 1;
+		}
+	}
+	can_rx = mode == MB_MODE_ALL || (mode == MB_MODE_PROXY_ONLY && is_proxy);
+	/* Bytes already on the stack (TCP Fast Open): keep those directions there. */
+	if (active && skops->data_segs_out > 0)
+		st->flags |= MB_SK_STICKY;
+	if (!active && skops->data_segs_in > 0)
+		can_rx = 0;
+
+	/* rx first, then tx: a socket may sit in both, rx carries no program. */
+	if (can_rx) {
+		if (bpf_sock_hash_update(skops, &mb_rx, &st->self, BPF_ANY)) {
+			count(MB_CTR_MAP_FULL, 1);
+			return;
+		}
+		st->flags |= MB_SK_IN_RX;
+	}
+	if (bpf_sock_hash_update(skops, &mb_tx, &st->self, BPF_ANY)) {
+		count(MB_CTR_MAP_FULL, 1);
+		return;
+	}
+	st->flags |= MB_SK_TRACKED | (is_proxy ? MB_SK_PROXY : 0);
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+	count(MB_CTR_SOCKETS_TRACKED, 1);
+
+	ev.key = st->self;
+	ev.flags |= (can_rx ? MB_EP_CAN_RX : 0) | (on_redirect_port ? MB_EP_REDIRECT_PORT : 0) |
+		    (is_proxy ? MB_EP_PROXY : 0);
+	err = bpf_map_update_elem(&mb_endpoints, &ek, &ev, BPF_NOEXIST);
+	if (err == 0) {
+		st->ep = ek;
+		st->flags |= MB_SK_EP_OWNER;
+		return;
+	}
+	other = bpf_map_lookup_elem(&mb_endpoints, &ek);
+	if (!other) {
+		/* Consumed in between: wait for the other end ourselves. */
+		if (bpf_map_update_elem(&mb_endpoints, &ek, &ev, BPF_NOEXIST) == 0) {
+			st->ep = ek;
+			st->flags |= MB_SK_EP_OWNER;
+		} else {
+			count(MB_CTR_MAP_FULL, 1);
+		}
+		return;
+	}
+	if (other->flags & MB_EP_AMBIGUOUS) {
+		count(MB_CTR_PAIRS_REFUSED, 1);
+		return;
+	}
+	if (((other->flags & MB_EP_ACTIVE) != 0) == (active != 0)) {
+		/* Two sockets claim one endpoint: nobody pairs on it while the
+		 * owner lives. */
+		other->flags |= MB_EP_AMBIGUOUS;
+		count(MB_CTR_PAIRS_REFUSED, 1);
+		return;
+	}
+
+	{
+		struct mb_sock_key a, p;
+		__u32 a_rx, p_rx, p_redirect, pair_flags, plain;
+
+		if (active) {
+			a = st->self;
+			a_rx = can_rx;
+			p = other->key;
+			p_rx = other->flags & MB_EP_CAN_RX;
+			p_redirect = other->flags & MB_EP_REDIRECT_PORT;
+		} else {
+			a = other->key;
+			a_rx = other->flags & MB_EP_CAN_RX;
+			p = st->self;
+			p_rx = can_rx;
+			p_redirect = on_redirect_port;
+		}
+		plain = addr_eq(a.remote_ip, p.local_ip) && a.remote_port == p.local_port;
+		if (!plain && !p_redirect) {
+			/* Translated by something other than our REDIRECT: unexplained. */
+			count(MB_CTR_PAIRS_REFUSED, 1);
+			return;
+		}
+		bpf_map_delete_elem(&mb_endpoints, &ek);
+		pair_flags = plain ? 0 : MB_PAIR_NAT;
+		write_pair(&a, 1, &p, p_rx, pair_flags);
+		write_pair(&p, 1, &a, a_rx, pair_flags);
+		count(plain ? MB_CTR_PAIRS_PLAIN : MB_CTR_PAIRS_NAT, 1);
+	}
+}
+
+static __always_inline void on_close(struct bpf_sock_ops *skops)
+{
+	struct bpf_sock *sk = skops->sk;
+	struct mb_endpoint *e;
+	struct mb_sk_state *st;
+
+	if (!sk)
+		return;
+	st = bpf_sk_storage_get(&mb_sk_state, sk, 0, 0);
+	if (!st || !(st->flags & MB_SK_TRACKED))
+		return;
+	bpf_map_delete_elem(&mb_pairs, &st->self);
+	if (st->flags & MB_SK_EP_OWNER) {
+		e = bpf_map_lookup_elem(&mb_endpoints, &st->ep);
+		if (e && key_eq(&e->key, &st->self))
+			bpf_map_delete_elem(&mb_endpoints, &st->ep);
+	}
+	st->flags &= ~(MB_SK_TRACKED | MB_SK_EP_OWNER);
+	/* The kernel removes the socket from mb_tx and mb_rx itself. */
+}
+
+SEC("sockops")
+int mb_sockops(struct bpf_sock_ops *skops)
+{
+	switch (skops->op) {
+	case BPF_SOCK_OPS_TCP_CONNECT_CB:
+		on_connect(skops);
+		break;
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+		on_established(skops, 1);
+		break;
+	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+		on_established(skops, 0);
+		break;
+	case BPF_SOCK_OPS_STATE_CB:
+		if (skops->args[1] == BPF_TCP_CLOSE)
+			on_close(skops);
+		break;
+	default:
+		break;
+	}
+	return 1;
+}
+
+static __always_inline int pass(struct mb_sk_state *st, __u32 size)
+{
+	if (st && !(st->flags & MB_SK_STICKY)) {
+		st->flags |= MB_SK_STICKY;
+		count(MB_CTR_STICKY, 1);
+	}
+	count(MB_CTR_PASSTHROUGH_MSGS, 1);
+	count(MB_CTR_PASSTHROUGH_BYTES, size);
+	return SK_PASS;
+}
+
+SEC("sk_msg")
+int mb_sk_msg(struct sk_msg_md *msg)
+{
+	struct bpf_sock *sk = msg->sk;
+	struct mb_sk_state *st;
+	struct mb_pair *pair;
+	__u32 size = msg->size;
+
+	if (!sk)
+		return SK_PASS;
+	st = bpf_sk_storage_get(&mb_sk_state, sk, 0, 0);
+	if (!st)
+		return pass(st, size);
+	/* Never reorder: once a byte of this direction took the stack, all do. */
+	if (st->flags & MB_SK_STICKY)
+		return pass(0, size);
+
+	if (st->flags & MB_SK_PEER_KNOWN) {
+		if (bpf_msg_redirect_hash(msg, &mb_rx, &st->peer, BPF_F_INGRESS) == SK_PASS)
+			goto redirected;
+		count(MB_CTR_REDIRECT_FAILED, 1);
+		return pass(st, size);
+	}
+	pair = bpf_map_lookup_elem(&mb_pairs, &st->self);
+	if (!pair)
+		return pass(st, size);
+	/* bpf_msg_redirect_hash returns SK_DROP when the peer is not in mb_rx:
+	 * then this message, and the direction, go through the stack. */
+	if (bpf_msg_redirect_hash(msg, &mb_rx, &pair->peer, BPF_F_INGRESS) != SK_PASS) {
+		count(MB_CTR_REDIRECT_FAILED, 1);
+		return pass(st, size);
+	}
+	/* Cache only after a redirect succeeded. */
+	st->peer = pair->peer;
+	st->flags |= MB_SK_PEER_KNOWN;
+redirected:
+	count(MB_CTR_REDIRECTED_MSGS, 1);
+	count(MB_CTR_REDIRECTED_BYTES, size);
+	return SK_PASS;
+}

@@ -1,0 +1,311 @@
+//! The structs shared with the kernel programs, mirrored from
+//! `bpf/include/meshbypass_maps.h`. Sizes are asserted at compile time; change
+//! both sides together and bump [`LAYOUT_VERSION`] when a pinned map changes.
+
+use std::{
+    mem::size_of,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+/// `MB_LAYOUT_VERSION`: stamped into `mb_config` once every pin exists.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// `MB_KERNEL_PROBED`: a selftest verdict was recorded.
+pub const KERNEL_PROBED: u32 = 1 << 0;
+/// `MB_KERNEL_SAFE_ALL`: the verdict says any socket may receive redirected data.
+pub const KERNEL_SAFE_ALL: u32 = 1 << 1;
+
+/// `MB_KERNEL_HAZARD_*`: what the selftest found, by probe name.
+pub const KERNEL_HAZARDS: [(u32, &str, &str); 3] = [
+    (1 << 2, "redirect", "sk_msg redirection does not deliver: nothing is accelerated"),
+    (
+        1 << 3,
+        "splice-reader",
+        "splice() readers hang or read EOF on redirected data: auto redirects only into proxy sockets",
+    ),
+    (
+        1 << 4,
+        "fionread",
+        "FIONREAD does not count redirected data: auto redirects only into proxy sockets",
+    ),
+];
+
+/// No proxy UID/GID (`~0` in `mb_pod`).
+pub const NO_ID: u32 = u32::MAX;
+
+/// An address as the kernel programs key it: IPv6, or IPv4 as `::ffff:a.b.c.d`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Addr {
+    /// Network byte order, as the kernel stores it.
+    pub a: [u32; 4],
+}
+
+impl Addr {
+    pub fn from_ip(ip: IpAddr) -> Self {
+        let v6 = match ip {
+            IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+            IpAddr::V6(v6) => v6,
+        };
+        let o = v6.octets();
+        let mut a = [0u32; 4];
+        for (i, word) in a.iter_mut().enumerate() {
+            // Keep the in-memory bytes equal to the octets (network order).
+            *word = u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]);
+        }
+        Self { a }
+    }
+
+    pub fn to_ip(self) -> IpAddr {
+        let mut o = [0u8; 16];
+        for (i, word) in self.a.iter().enumerate() {
+            o[4 * i..4 * i + 4].copy_from_slice(&word.to_ne_bytes());
+        }
+        let v6 = Ipv6Addr::from(o);
+        match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(v6),
+        }
+    }
+}
+
+impl From<Ipv4Addr> for Addr {
+    fn from(ip: Ipv4Addr) -> Self {
+        Self::from_ip(IpAddr::V4(ip))
+    }
+}
+
+/// `struct mb_sock_key`: one TCP socket, its netns and its 4-tuple.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    pub netns: u64,
+    pub local_ip: Addr,
+    pub remote_ip: Addr,
+    /// Host order.
+    pub local_port: u16,
+    /// Host order.
+    pub remote_port: u16,
+    pub pad: u32,
+}
+
+/// `struct mb_endpoint_key`: the active side's local endpoint in its netns.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct EndpointKey {
+    pub netns: u64,
+    pub ip: Addr,
+    pub port: u16,
+    pub pad0: u16,
+    pub pad1: u32,
+}
+
+/// `struct mb_endpoint`: the first end of a connection, waiting for the second.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Endpoint {
+    pub key: SockKey,
+    pub flags: u32,
+    pub pad: u32,
+}
+
+/// `struct mb_pair`: where a socket's sends are redirected to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Pair {
+    pub peer: SockKey,
+    pub flags: u32,
+    pub pad: u32,
+}
+
+/// `MB_PAIR_NAT`.
+pub const PAIR_NAT: u32 = 1;
+
+/// `struct mb_pod`: a registered pod, by IP (`mb_pods`) and by netns (`mb_netns`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pod {
+    pub netns: u64,
+    pub proxy_uid: u32,
+    pub proxy_gid: u32,
+    pub outbound_port: u16,
+    pub inbound_port: u16,
+    pub mode: u8,
+    pub flags: u8,
+    pub pad: u16,
+}
+
+/// `struct mb_config`: node-wide settings, one entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    pub layout_version: u32,
+    pub kernel_flags: u32,
+    pub probed_at: u64,
+}
+
+/// `struct mb_sk_state`: per-socket state (socket local storage).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SkState {
+    pub self_key: SockKey,
+    pub peer: SockKey,
+    pub ep: EndpointKey,
+    pub uid: u32,
+    pub gid: u32,
+    pub flags: u32,
+    pub pad: u32,
+}
+
+const _: () = assert!(size_of::<Addr>() == 16);
+const _: () = assert!(size_of::<SockKey>() == 48);
+const _: () = assert!(size_of::<EndpointKey>() == 32);
+const _: () = assert!(size_of::<Endpoint>() == 56);
+const _: () = assert!(size_of::<Pair>() == 56);
+const _: () = assert!(size_of::<Pod>() == 24);
+const _: () = assert!(size_of::<Config>() == 16);
+const _: () = assert!(size_of::<SkState>() == 144);
+
+// SAFETY: plain `#[repr(C)]` data without padding holes the kernel reads;
+// every field is an integer, so every bit pattern is valid.
+unsafe impl aya::Pod for Addr {}
+unsafe impl aya::Pod for SockKey {}
+unsafe impl aya::Pod for EndpointKey {}
+unsafe impl aya::Pod for Endpoint {}
+unsafe impl aya::Pod for Pair {}
+unsafe impl aya::Pod for Pod {}
+unsafe impl aya::Pod for Config {}
+
+/// Acceleration mode of a pod (`MB_MODE_*`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// `all` when the node's selftest passed, else `proxy-only`.
+    Auto = 0,
+    /// Redirect every paired direction.
+    All = 1,
+    /// Redirect only into the sidecar proxy's sockets.
+    ProxyOnly = 2,
+    /// Track nothing.
+    Off = 3,
+}
+
+impl Mode {
+    pub fn from_raw(raw: u8) -> Option<Self> {
+        Some(match raw {
+            0 => Self::Auto,
+            1 => Self::All,
+            2 => Self::ProxyOnly,
+            3 => Self::Off,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::All => "all",
+            Self::ProxyOnly => "proxy-only",
+            Self::Off => "off",
+        }
+    }
+}
+
+impl std::str::FromStr for Mode {
+    type Err = UnknownMode;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "auto" => Self::Auto,
+            "all" => Self::All,
+            "proxy-only" => Self::ProxyOnly,
+            "off" => Self::Off,
+            _ => return Err(UnknownMode(s.to_owned())),
+        })
+    }
+}
+
+/// A mode name that is not one of `auto`, `all`, `proxy-only`, `off`.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown acceleration mode {0:?}: use auto, all, proxy-only or off")]
+pub struct UnknownMode(pub String);
+
+/// Counters (`enum mb_counter`), in index order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    SocketsTracked = 0,
+    PairsPlain = 1,
+    PairsNat = 2,
+    RedirectedMsgs = 3,
+    RedirectedBytes = 4,
+    PassthroughMsgs = 5,
+    PairsRefused = 6,
+    MapFull = 7,
+    RedirectFailed = 8,
+    PassthroughBytes = 9,
+    Sticky = 10,
+}
+
+/// `MB_CTR_MAX`: entries of `mb_counters`.
+pub const COUNTER_SLOTS: u32 = 16;
+
+impl Counter {
+    pub const ALL: [Counter; 11] = [
+        Self::SocketsTracked,
+        Self::PairsPlain,
+        Self::PairsNat,
+        Self::RedirectedMsgs,
+        Self::RedirectedBytes,
+        Self::PassthroughMsgs,
+        Self::PairsRefused,
+        Self::MapFull,
+        Self::RedirectFailed,
+        Self::PassthroughBytes,
+        Self::Sticky,
+    ];
+
+    /// The name used in `status --json` and in metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::SocketsTracked => "sockets_tracked",
+            Self::PairsPlain => "pairs_plain",
+            Self::PairsNat => "pairs_nat",
+            Self::RedirectedMsgs => "redirected_msgs",
+            Self::RedirectedBytes => "redirected_bytes",
+            Self::PassthroughMsgs => "passthrough_msgs",
+            Self::PairsRefused => "pairs_refused",
+            Self::MapFull => "map_full",
+            Self::RedirectFailed => "redirect_failed",
+            Self::PassthroughBytes => "passthrough_bytes",
+            Self::Sticky => "sticky_directions",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn v4_addresses_are_v4_mapped_in_network_order() {
+        let a = Addr::from_ip("10.1.2.3".parse().unwrap());
+        let bytes: Vec<u8> = a.a.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        assert_eq!(bytes, [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 1, 2, 3]);
+        assert_eq!(a.to_ip(), "10.1.2.3".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn v6_addresses_round_trip() {
+        let ip: IpAddr = "fd00::1:2".parse().unwrap();
+        assert_eq!(Addr::from_ip(ip).to_ip(), ip);
+    }
+
+    #[test]
+    fn modes_parse_and_print() {
+        for m in [Mode::Auto, Mode::All, Mode::ProxyOnly, Mode::Off] {
+            assert_eq!(m.as_str().parse::<Mode>().unwrap(), m);
+            assert_eq!(Mode::from_raw(m as u8), Some(m));
+        }
+        assert!("fast".parse::<Mode>().is_err());
+    }
+}

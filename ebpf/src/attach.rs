@@ -1,0 +1,143 @@
+//! Attaching the sockops program to a pod's cgroup (v2) with a bpf_link
+//! pinned per container: the attachment outlives the process that made it,
+//! and removing the pin detaches it.
+
+use std::{
+    fs::{self, File},
+    io,
+    path::{Path, PathBuf},
+};
+
+use aya::programs::{CgroupAttachMode, ProgramError, SockOps, links::FdLink};
+
+use crate::loader::Node;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error("invalid link name {name:?}: use 1-200 characters of [A-Za-z0-9_.-], not starting with '.'")]
+    InvalidName { name: String },
+    #[error("cannot open cgroup directory {}", path.display())]
+    Cgroup {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot attach the sockops program to {}", path.display())]
+    Attach {
+        path: PathBuf,
+        #[source]
+        source: Box<ProgramError>,
+    },
+    #[error("cannot pin link {}", path.display())]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("cannot remove link {}", path.display())]
+    Remove {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Whether the attachment was made now or found in place.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Attached {
+    Created,
+    Existing,
+}
+
+/// Link names become pin file names: no traversal, no hidden files.
+pub fn valid_link_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 200
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+impl Node {
+    /// Attaches the bypass to `cgroup_dir` (a cgroup v2 directory) under the
+    /// link name `name` (the container ID). Idempotent per name.
+    pub fn attach_cgroup(&self, cgroup_dir: &Path, name: &str) -> Result<Attached, AttachError> {
+        if !valid_link_name(name) {
+            return Err(AttachError::InvalidName { name: name.into() });
+        }
+        let pin = self.pins.link(name);
+        if pin.exists() {
+            return Ok(Attached::Existing);
+        }
+        let cgroup = File::open(cgroup_dir).map_err(|source| AttachError::Cgroup {
+            path: cgroup_dir.into(),
+            source,
+        })?;
+        let attach_err = |e| AttachError::Attach {
+            path: cgroup_dir.into(),
+            source: Box::new(e),
+        };
+        let mut prog = SockOps::from_pin(self.pins.prog(crate::pins::PROG_SOCKOPS)).map_err(attach_err)?;
+        // aya makes a bpf_link here (kernel >= 5.7). Links always coexist
+        // with other programs on the cgroup (a CNI's own), as in
+        // BPF_F_ALLOW_MULTI, and the kernel refuses flags on them: `Single`
+        // is how aya spells "no flags".
+        let id = prog
+            .attach(&cgroup, CgroupAttachMode::Single)
+            .map_err(attach_err)?;
+        let link = prog.take_link(id).map_err(attach_err)?;
+        let fd_link: FdLink = link.try_into().map_err(|e: aya::programs::links::LinkError| {
+            AttachError::Pin {
+                path: pin.clone(),
+                source: Box::new(e),
+            }
+        })?;
+        fd_link.pin(&pin).map_err(|e| AttachError::Pin {
+            path: pin.clone(),
+            source: Box::new(e),
+        })?;
+        Ok(Attached::Created)
+    }
+
+    /// Detaches the link named `name`; `false` when there was none.
+    pub fn detach_cgroup(&self, name: &str) -> Result<bool, AttachError> {
+        if !valid_link_name(name) {
+            return Err(AttachError::InvalidName { name: name.into() });
+        }
+        let pin = self.pins.link(name);
+        match fs::remove_file(&pin) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(source) => Err(AttachError::Remove { path: pin, source }),
+        }
+    }
+
+    /// The names of the pinned links.
+    pub fn links(&self) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(self.pins.links_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect();
+        names.sort();
+        names
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::valid_link_name;
+
+    #[test]
+    fn link_names_cannot_traverse() {
+        assert!(valid_link_name("4f1c2d9e0a7b"));
+        assert!(valid_link_name("pod-a_1.2"));
+        for bad in ["", "..", ".hidden", "a/b", "../x", "a b", "x\0"] {
+            assert!(!valid_link_name(bad), "{bad:?} accepted");
+        }
+        assert!(!valid_link_name(&"a".repeat(201)));
+    }
+}

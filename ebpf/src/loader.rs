@@ -1,0 +1,444 @@
+//! The shared loader: creates every map and program pin under the bpf root
+//! once per node, or reuses them. Several processes may race (the plugin on
+//! parallel ADDs, the node agent): the root's exclusive lock makes exactly one
+//! of them the creator, and the layout stamp in `mb_config`, written last,
+//! tells a finished layout from a crashed creator's leftovers and from a
+//! layout of another version.
+
+use std::{
+    fs, io,
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    EbpfLoader,
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, SockHash},
+    programs::{ProgramError, SkMsg, SockOps},
+};
+use log::{debug, info};
+
+use crate::{
+    OBJECT,
+    abi::{Addr, Config, Endpoint, EndpointKey, LAYOUT_VERSION, Pair, Pod, SockKey},
+    bpffs::{self, BpffsError, RootLock},
+    pins::{self, Pins},
+    sys,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Bpffs(#[from] BpffsError),
+    #[error("cannot load the kernel programs into the kernel")]
+    Ebpf(#[source] Box<aya::EbpfError>),
+    #[error("cannot load program {name}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: Box<ProgramError>,
+    },
+    #[error("cannot pin {}", path.display())]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    #[error("cannot attach the sk_msg program to mb_tx")]
+    AttachSkMsg(#[source] io::Error),
+    #[error(transparent)]
+    Open(#[from] OpenError),
+    #[error("cannot remove {}", path.display())]
+    Remove {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the object has no {0}")]
+    Missing(&'static str),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("the node's maps are not loaded at {}: run `meshbypass-node load`", root.display())]
+    NotLoaded { root: PathBuf },
+    #[error(
+        "the pins at {} have layout version {found}, this binary uses {LAYOUT_VERSION}: \
+         run the matching meshbypass version, or `meshbypass-node unload` and load again \
+         (running pods lose acceleration until re-added)",
+        root.display()
+    )]
+    LayoutMismatch { root: PathBuf, found: String },
+    #[error(
+        "the pins at {} are incomplete ({} missing): run `meshbypass-node unload` and load again",
+        root.display(), missing.display()
+    )]
+    Incomplete { root: PathBuf, missing: PathBuf },
+    #[error("cannot open pinned map {}", path.display())]
+    Map {
+        path: PathBuf,
+        #[source]
+        source: Box<MapError>,
+    },
+    #[error("cannot open pinned program {}", path.display())]
+    Program {
+        path: PathBuf,
+        #[source]
+        source: Box<ProgramError>,
+    },
+}
+
+/// What [`load`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LoadOutcome {
+    /// This call created the maps and programs.
+    Created,
+    /// Everything was already there, with this binary's layout.
+    Reused,
+}
+
+/// An open handle on the node's pinned maps and programs.
+pub struct Node {
+    pub(crate) pins: Pins,
+    pub(crate) pods: HashMap<MapData, Addr, Pod>,
+    pub(crate) netns: HashMap<MapData, u64, Pod>,
+    pub(crate) pairs: HashMap<MapData, SockKey, Pair>,
+    pub(crate) endpoints: HashMap<MapData, EndpointKey, Endpoint>,
+    pub(crate) config: Array<MapData, Config>,
+    pub(crate) counters: PerCpuArray<MapData, u64>,
+    pub(crate) tx: SockHash<MapData, SockKey>,
+    pub(crate) rx: SockHash<MapData, SockKey>,
+}
+
+/// Creates the node's pins under `root`, or reuses them. Safe to call from
+/// any number of processes at once.
+pub fn load(root: &Path) -> Result<(Node, LoadOutcome), LoadError> {
+    bpffs::ensure_root(root)?;
+    let _lock = RootLock::acquire(root)?;
+    let pins = Pins::new(root);
+    let outcome = match read_stamp(&pins)? {
+        Some(cfg) if cfg.layout_version == LAYOUT_VERSION => {
+            // Reuse. Re-attaching sk_msg to mb_tx replaces it with itself.
+            attach_sk_msg(&pins)?;
+            LoadOutcome::Reused
+        }
+        Some(cfg) if cfg.layout_version != 0 => {
+            return Err(OpenError::LayoutMismatch {
+                root: root.into(),
+                found: cfg.layout_version.to_string(),
+            }
+            .into());
+        }
+        // No stamp, or a creator died before writing it: start over.
+        _ => {
+            remove_pins(&pins)?;
+            create(&pins)?;
+            LoadOutcome::Created
+        }
+    };
+    let node = Node::open_unlocked(&pins)?;
+    info!("bpf root {}: {:?}", root.display(), outcome);
+    Ok((node, outcome))
+}
+
+fn create(pins: &Pins) -> Result<(), LoadError> {
+    let root = pins.root();
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(root)
+        .load(OBJECT)
+        .map_err(|e| LoadError::Ebpf(Box::new(e)))?;
+    bpffs::mkdir_0700(&pins.progs_dir())?;
+    bpffs::mkdir_0700(&pins.links_dir())?;
+
+    let sockops: &mut SockOps = ebpf
+        .program_mut(pins::PROG_SOCKOPS)
+        .ok_or(LoadError::Missing(pins::PROG_SOCKOPS))?
+        .try_into()
+        .map_err(|e| prog_err(pins::PROG_SOCKOPS, e))?;
+    sockops.load().map_err(|e| prog_err(pins::PROG_SOCKOPS, e))?;
+    let path = pins.prog(pins::PROG_SOCKOPS);
+    sockops
+        .pin(&path)
+        .map_err(|source| LoadError::Pin { path, source })?;
+
+    let sk_msg: &mut SkMsg = ebpf
+        .program_mut(pins::PROG_SK_MSG)
+        .ok_or(LoadError::Missing(pins::PROG_SK_MSG))?
+        .try_into()
+        .map_err(|e| prog_err(pins::PROG_SK_MSG, e))?;
+    sk_msg.load().map_err(|e| prog_err(pins::PROG_SK_MSG, e))?;
+    let path = pins.prog(pins::PROG_SK_MSG);
+    sk_msg
+        .pin(&path)
+        .map_err(|source| LoadError::Pin { path, source })?;
+    drop(ebpf);
+
+    attach_sk_msg(pins)?;
+    // The stamp goes last: its presence means every pin above exists.
+    let mut config: Array<MapData, Config> = open_map(pins, "mb_config")?;
+    config
+        .set(
+            0,
+            Config {
+                layout_version: LAYOUT_VERSION,
+                ..Config::default()
+            },
+            0,
+        )
+        .map_err(|e| OpenError::Map {
+            path: pins.map("mb_config"),
+            source: Box::new(e),
+        })?;
+    Ok(())
+}
+
+fn prog_err(name: &'static str, e: ProgramError) -> LoadError {
+    LoadError::Program {
+        name,
+        source: Box::new(e),
+    }
+}
+
+fn attach_sk_msg(pins: &Pins) -> Result<(), LoadError> {
+    let path = pins.prog(pins::PROG_SK_MSG);
+    let prog = SkMsg::from_pin(&path).map_err(|e| OpenError::Program {
+        path: path.clone(),
+        source: Box::new(e),
+    })?;
+    let tx = MapData::from_pin(pins.map("mb_tx")).map_err(|e| OpenError::Map {
+        path: pins.map("mb_tx"),
+        source: Box::new(e),
+    })?;
+    let prog_fd = prog.fd().map_err(|e| OpenError::Program {
+        path,
+        source: Box::new(e),
+    })?;
+    sys::map_prog_attach(prog_fd.as_fd(), tx.fd().as_fd(), sys::BPF_SK_MSG_VERDICT)
+        .map_err(LoadError::AttachSkMsg)
+}
+
+/// The stamp: `None` when `mb_config` is not pinned.
+fn read_stamp(pins: &Pins) -> Result<Option<Config>, OpenError> {
+    let path = pins.map("mb_config");
+    if !path.exists() {
+        return Ok(None);
+    }
+    let config: Array<MapData, Config> = match open_map(pins, "mb_config") {
+        Ok(c) => c,
+        // Another layout's mb_config has another value size.
+        Err(OpenError::Map { source, .. })
+            if matches!(*source, MapError::InvalidValueSize { .. }) =>
+        {
+            return Err(OpenError::LayoutMismatch {
+                root: pins.root().into(),
+                found: "unknown (mb_config differs)".into(),
+            });
+        }
+        Err(e) => return Err(e),
+    };
+    config.get(&0, 0).map(Some).map_err(|e| OpenError::Map {
+        path,
+        source: Box::new(e),
+    })
+}
+
+pub(crate) fn open_map<T>(pins: &Pins, name: &str) -> Result<T, OpenError>
+where
+    T: TryFrom<Map, Error = MapError>,
+{
+    let path = pins.map(name);
+    let err = |e| OpenError::Map {
+        path: path.clone(),
+        source: Box::new(e),
+    };
+    let data = MapData::from_pin(&path).map_err(err)?;
+    T::try_from(Map::from_map_data(data).map_err(err)?).map_err(err)
+}
+
+impl Node {
+    /// Opens the node's pins; they must exist with this binary's layout.
+    pub fn open(root: &Path) -> Result<Node, OpenError> {
+        let pins = Pins::new(root);
+        match read_stamp(&pins)? {
+            Some(cfg) if cfg.layout_version == LAYOUT_VERSION => Self::open_unlocked(&pins),
+            Some(cfg) if cfg.layout_version != 0 => Err(OpenError::LayoutMismatch {
+                root: root.into(),
+                found: cfg.layout_version.to_string(),
+            }),
+            _ => Err(OpenError::NotLoaded { root: root.into() }),
+        }
+    }
+
+    fn open_unlocked(pins: &Pins) -> Result<Node, OpenError> {
+        for name in pins::MAPS {
+            let path = pins.map(name);
+            if !path.exists() {
+                return Err(OpenError::Incomplete {
+                    root: pins.root().into(),
+                    missing: path,
+                });
+            }
+        }
+        for name in [pins::PROG_SOCKOPS, pins::PROG_SK_MSG] {
+            let path = pins.prog(name);
+            if !path.exists() {
+                return Err(OpenError::Incomplete {
+                    root: pins.root().into(),
+                    missing: path,
+                });
+            }
+        }
+        Ok(Node {
+            pins: pins.clone(),
+            pods: open_map(pins, "mb_pods")?,
+            netns: open_map(pins, "mb_netns")?,
+            pairs: open_map(pins, "mb_pairs")?,
+            endpoints: open_map(pins, "mb_endpoints")?,
+            config: open_map(pins, "mb_config")?,
+            counters: open_map(pins, "mb_counters")?,
+            tx: open_map(pins, "mb_tx")?,
+            rx: open_map(pins, "mb_rx")?,
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        self.pins.root()
+    }
+
+    pub fn pins(&self) -> &Pins {
+        &self.pins
+    }
+
+    /// The node-wide settings.
+    pub fn config(&self) -> Result<Config, MapError> {
+        self.config.get(&0, 0)
+    }
+
+    /// Records the selftest verdict that `auto` follows.
+    pub fn record_verdict(&mut self, report: &crate::selftest::Report) -> Result<(), MapError> {
+        let mut cfg = self.config.get(&0, 0)?;
+        cfg.kernel_flags = report.kernel_flags();
+        cfg.probed_at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.config.set(0, cfg, 0)
+    }
+
+    /// Sockets currently in the socket maps (tx, rx).
+    pub fn socket_counts(&self) -> (usize, usize) {
+        (
+            self.tx.keys().filter(Result::is_ok).count(),
+            self.rx.keys().filter(Result::is_ok).count(),
+        )
+    }
+
+    /// Entries in the pairing maps (pairs, endpoints).
+    pub fn pairing_counts(&self) -> (usize, usize) {
+        (
+            self.pairs.keys().filter(Result::is_ok).count(),
+            self.endpoints.keys().filter(Result::is_ok).count(),
+        )
+    }
+}
+
+/// What [`unload`] removed.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct UnloadReport {
+    pub links: usize,
+    pub pins: usize,
+}
+
+/// Detaches everything and removes every pin under `root` (per-pod links
+/// included), then the root itself when it is empty.
+pub fn unload(root: &Path) -> Result<UnloadReport, LoadError> {
+    let mut report = UnloadReport::default();
+    if !root.exists() {
+        return Ok(report);
+    }
+    let lock = RootLock::acquire(root)?;
+    let pins = Pins::new(root);
+    report.links = remove_dir_pins(&pins.links_dir())?;
+    // Detach sk_msg from the map: sockets still in it go back to plain TCP.
+    if let (Ok(prog), Ok(tx)) = (
+        SkMsg::from_pin(pins.prog(pins::PROG_SK_MSG)),
+        MapData::from_pin(pins.map("mb_tx")),
+    ) && let Ok(fd) = prog.fd()
+    {
+        match sys::map_prog_detach(fd.as_fd(), tx.fd().as_fd(), sys::BPF_SK_MSG_VERDICT) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => debug!("detaching sk_msg: {e}"),
+        }
+    }
+    report.pins = remove_pins(&pins)?;
+    drop(lock);
+    for dir in [pins.links_dir(), pins.progs_dir()] {
+        remove_dir_if_present(&dir)?;
+    }
+    // A root we mounted ourselves stays a mount point; an empty directory
+    // on /sys/fs/bpf is removed.
+    match fs::remove_dir(root) {
+        Ok(()) => {}
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ENOENT) | Some(libc::EBUSY) | Some(libc::ENOTEMPTY)
+            ) => {}
+        Err(source) => {
+            return Err(LoadError::Remove {
+                path: root.into(),
+                source,
+            });
+        }
+    }
+    Ok(report)
+}
+
+/// Removes the map and program pins (not links); returns how many.
+fn remove_pins(pins: &Pins) -> Result<usize, LoadError> {
+    let mut n = 0;
+    let progs = [pins::PROG_SOCKOPS, pins::PROG_SK_MSG].map(|p| pins.prog(p));
+    for path in pins::MAPS.iter().map(|m| pins.map(m)).chain(progs) {
+        match fs::remove_file(&path) {
+            Ok(()) => n += 1,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => return Err(LoadError::Remove { path, source }),
+        }
+    }
+    Ok(n)
+}
+
+fn remove_dir_pins(dir: &Path) -> Result<usize, LoadError> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(source) => {
+            return Err(LoadError::Remove {
+                path: dir.into(),
+                source,
+            });
+        }
+    };
+    let mut n = 0;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        match fs::remove_file(&path) {
+            Ok(()) => n += 1,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => return Err(LoadError::Remove { path, source }),
+        }
+    }
+    Ok(n)
+}
+
+fn remove_dir_if_present(dir: &Path) -> Result<(), LoadError> {
+    match fs::remove_dir(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(LoadError::Remove {
+            path: dir.into(),
+            source,
+        }),
+    }
+}

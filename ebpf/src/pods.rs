@@ -1,0 +1,220 @@
+//! Registering pods: the forward (pod IP -> pod) and reverse (netns cookie ->
+//! pod) mappings the datapath acts on, and their removal with every pairing
+//! entry the pod's sockets left.
+
+use std::net::IpAddr;
+
+use aya::maps::MapError;
+
+use crate::{
+    abi::{Addr, Mode, NO_ID, Pod},
+    loader::Node,
+};
+
+/// A pod as the plugin registers it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodEntry {
+    pub netns_cookie: u64,
+    pub ips: Vec<IpAddr>,
+    /// Outbound REDIRECT port of the sidecar (Istio 15001); 0 = none.
+    pub outbound_port: u16,
+    /// Inbound REDIRECT port of the sidecar (Istio 15006); 0 = none.
+    pub inbound_port: u16,
+    pub proxy_uid: Option<u32>,
+    pub proxy_gid: Option<u32>,
+    pub mode: Mode,
+}
+
+impl PodEntry {
+    fn value(&self) -> Pod {
+        Pod {
+            netns: self.netns_cookie,
+            proxy_uid: self.proxy_uid.unwrap_or(NO_ID),
+            proxy_gid: self.proxy_gid.unwrap_or(NO_ID),
+            outbound_port: self.outbound_port,
+            inbound_port: self.inbound_port,
+            mode: self.mode as u8,
+            flags: 0,
+            pad: 0,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PodError {
+    #[error("netns cookie 0 is not a netns")]
+    NoNetns,
+    #[error("cannot write pod entry for {what}")]
+    Write {
+        what: String,
+        #[source]
+        source: MapError,
+    },
+    #[error("cannot remove pod entry for {what}")]
+    Remove {
+        what: String,
+        #[source]
+        source: MapError,
+    },
+}
+
+/// A registered pod, as read back.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RegisteredPod {
+    pub netns_cookie: u64,
+    pub ips: Vec<IpAddr>,
+    pub outbound_port: u16,
+    pub inbound_port: u16,
+    pub proxy_uid: Option<u32>,
+    pub proxy_gid: Option<u32>,
+    pub mode: &'static str,
+}
+
+/// What [`Node::unregister_pod`] removed.
+#[derive(Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Removed {
+    pub netns: usize,
+    pub ips: usize,
+    pub pairs: usize,
+    pub endpoints: usize,
+}
+
+fn is_not_found(e: &MapError) -> bool {
+    matches!(e, MapError::KeyNotFound)
+        || matches!(e, MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::ENOENT))
+}
+
+impl Node {
+    /// Registers (or updates) a pod: IPs first, netns last, so the datapath
+    /// never sees the pod half-written.
+    pub fn register_pod(&mut self, pod: &PodEntry) -> Result<(), PodError> {
+        if pod.netns_cookie == 0 {
+            return Err(PodError::NoNetns);
+        }
+        let value = pod.value();
+        for ip in &pod.ips {
+            self.pods
+                .insert(Addr::from_ip(*ip), value, 0)
+                .map_err(|source| PodError::Write {
+                    what: ip.to_string(),
+                    source,
+                })?;
+        }
+        self.netns
+            .insert(pod.netns_cookie, value, 0)
+            .map_err(|source| PodError::Write {
+                what: format!("netns {}", pod.netns_cookie),
+                source,
+            })
+    }
+
+    /// Removes a pod by its netns cookie: its netns entry first (no new
+    /// sockets are tracked), its IPs (only those still pointing at this
+    /// netns: an IP may already belong to a new pod), then every pairing
+    /// entry of its sockets or pointing at them. Absent entries are fine:
+    /// DEL may run any number of times.
+    pub fn unregister_pod(&mut self, netns_cookie: u64) -> Result<Removed, PodError> {
+        let mut removed = Removed::default();
+        match self.netns.remove(&netns_cookie) {
+            Ok(()) => removed.netns = 1,
+            Err(e) if is_not_found(&e) => {}
+            Err(source) => {
+                return Err(PodError::Remove {
+                    what: format!("netns {netns_cookie}"),
+                    source,
+                });
+            }
+        }
+        let ips: Vec<Addr> = self
+            .pods
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, pod)| pod.netns == netns_cookie)
+            .map(|(ip, _)| ip)
+            .collect();
+        for ip in ips {
+            match self.pods.remove(&ip) {
+                Ok(()) => removed.ips += 1,
+                Err(e) if is_not_found(&e) => {}
+                Err(source) => {
+                    return Err(PodError::Remove {
+                        what: ip.to_ip().to_string(),
+                        source,
+                    });
+                }
+            }
+        }
+        let pairs: Vec<_> = self
+            .pairs
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, p)| k.netns == netns_cookie || p.peer.netns == netns_cookie)
+            .map(|(k, _)| k)
+            .collect();
+        for k in pairs {
+            match self.pairs.remove(&k) {
+                Ok(()) => removed.pairs += 1,
+                Err(e) if is_not_found(&e) => {}
+                Err(source) => {
+                    return Err(PodError::Remove {
+                        what: "a pair".into(),
+                        source,
+                    });
+                }
+            }
+        }
+        let endpoints: Vec<_> = self
+            .endpoints
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, e)| k.netns == netns_cookie || e.key.netns == netns_cookie)
+            .map(|(k, _)| k)
+            .collect();
+        for k in endpoints {
+            match self.endpoints.remove(&k) {
+                Ok(()) => removed.endpoints += 1,
+                Err(e) if is_not_found(&e) => {}
+                Err(source) => {
+                    return Err(PodError::Remove {
+                        what: "an endpoint".into(),
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    /// The pod registered for a netns, if any.
+    pub fn pod_by_netns(&self, netns_cookie: u64) -> Option<RegisteredPod> {
+        let pod = self.netns.get(&netns_cookie, 0).ok()?;
+        Some(self.describe(netns_cookie, &pod))
+    }
+
+    /// Every registered pod.
+    pub fn pods(&self) -> Vec<RegisteredPod> {
+        let entries: Vec<(u64, Pod)> = self.netns.iter().filter_map(Result::ok).collect();
+        entries.iter().map(|(c, p)| self.describe(*c, p)).collect()
+    }
+
+    fn describe(&self, netns_cookie: u64, pod: &Pod) -> RegisteredPod {
+        let mut ips: Vec<IpAddr> = self
+            .pods
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, p)| p.netns == netns_cookie)
+            .map(|(ip, _)| ip.to_ip())
+            .collect();
+        ips.sort();
+        let id = |v: u32| (v != NO_ID).then_some(v);
+        RegisteredPod {
+            netns_cookie,
+            ips,
+            outbound_port: pod.outbound_port,
+            inbound_port: pod.inbound_port,
+            proxy_uid: id(pod.proxy_uid),
+            proxy_gid: id(pod.proxy_gid),
+            mode: Mode::from_raw(pod.mode).map_or("unknown", Mode::as_str),
+        }
+    }
+}

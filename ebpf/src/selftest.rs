@@ -1,0 +1,401 @@
+//! The kernel hazard probe. In a private bpf root, cgroup and netns (a child
+//! process, killed at a deadline, so nothing here can hang the caller) it
+//! checks on the running kernel that (a) sk_msg redirection delivers, (b) a
+//! `splice()` reader receives redirected data, (c) FIONREAD counts it. `auto`
+//! redirects into non-proxy sockets only when all three pass.
+
+use std::{
+    fs,
+    io::{self, Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    abi::{Counter, Mode},
+    cgroup2, loader, netns,
+    pods::PodEntry,
+};
+
+/// The verdict of one probe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    Pass,
+    /// Wrong or missing bytes.
+    Fail,
+    /// No answer before the probe's deadline.
+    Hang,
+    /// Nothing was redirected, so the probe says nothing about the hazard.
+    Inconclusive,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Probe {
+    pub name: String,
+    pub outcome: Outcome,
+    pub detail: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Report {
+    pub kernel: String,
+    pub probes: Vec<Probe>,
+    /// Every probe passed: `auto` may redirect into any socket.
+    pub safe_all: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SelftestError {
+    #[error(transparent)]
+    Load(#[from] loader::LoadError),
+    #[error("no cgroup v2 hierarchy is mounted (mount -t cgroup2 none /sys/fs/cgroup/unified)")]
+    NoCgroup2,
+    #[error("cannot prepare {}", path.display())]
+    Prepare {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Attach(#[from] crate::attach::AttachError),
+    #[error("cannot run the probe process {}", exe.display())]
+    Spawn {
+        exe: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the probe process gave no report ({status}): {stderr}")]
+    NoReport { status: String, stderr: String },
+}
+
+impl Report {
+    /// The verdict as `mb_config.kernel_flags`.
+    pub fn kernel_flags(&self) -> u32 {
+        let mut flags = crate::abi::KERNEL_PROBED;
+        if self.safe_all {
+            flags |= crate::abi::KERNEL_SAFE_ALL;
+        }
+        for (bit, name, _) in crate::abi::KERNEL_HAZARDS {
+            if self
+                .probes
+                .iter()
+                .any(|p| p.name == name && p.outcome != Outcome::Pass)
+            {
+                flags |= bit;
+            }
+        }
+        flags
+    }
+}
+
+/// The hazards named by recorded kernel flags: (probe, what it means).
+pub fn hazards(kernel_flags: u32) -> Vec<(&'static str, &'static str)> {
+    crate::abi::KERNEL_HAZARDS
+        .iter()
+        .filter(|(bit, _, _)| kernel_flags & bit != 0)
+        .map(|(_, name, what)| (*name, *what))
+        .collect()
+}
+
+const PROBE_DEADLINE: Duration = Duration::from_secs(3);
+
+/// Runs the probes: `exe` is a binary whose `selftest-probe` subcommand
+/// calls [`probe_main`] (meshbypass-node).
+pub fn run(exe: &Path, timeout: Duration) -> Result<Report, SelftestError> {
+    let tag = format!("meshbypass-selftest-{}", std::process::id());
+    let root = PathBuf::from("/sys/fs/bpf").join(&tag);
+    let cg2 = cgroup2::mount_point().ok_or(SelftestError::NoCgroup2)?;
+    let cgroup = cg2.join(&tag);
+    let result = run_in(exe, timeout, &root, &cgroup);
+    // Cleanup in every outcome; the child is gone by now.
+    if let Err(e) = loader::unload(&root) {
+        log::warn!("selftest cleanup of {}: {e}", root.display());
+    }
+    match fs::remove_dir(&cgroup) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => log::warn!("selftest cleanup of {}: {e}", cgroup.display()),
+    }
+    result
+}
+
+fn run_in(exe: &Path, timeout: Duration, root: &Path, cgroup: &Path) -> Result<Report, SelftestError> {
+    let (node, _) = loader::load(root)?;
+    fs::create_dir_all(cgroup).map_err(|source| SelftestError::Prepare {
+        path: cgroup.into(),
+        source,
+    })?;
+    node.attach_cgroup(cgroup, "selftest")?;
+    let mut child = Command::new(exe)
+        .arg("selftest-probe")
+        .arg("--bpf-root")
+        .arg(root)
+        .arg("--cgroup")
+        .arg(cgroup)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| SelftestError::Spawn {
+            exe: exe.into(),
+            source,
+        })?;
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status.to_string(),
+            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
+            Ok(None) | Err(_) => {
+                match child.kill() {
+                    Ok(()) => {}
+                    Err(e) => log::warn!("killing the probe process: {e}"),
+                }
+                match child.wait() {
+                    Ok(_) => {}
+                    Err(e) => log::warn!("reaping the probe process: {e}"),
+                }
+                break format!("killed after {timeout:?}");
+            }
+        }
+    };
+    let mut out = String::new();
+    let mut err = String::new();
+    if let Some(mut o) = child.stdout.take() {
+        o.read_to_string(&mut out).ok();
+    }
+    if let Some(mut e) = child.stderr.take() {
+        e.read_to_string(&mut err).ok();
+    }
+    let probes: Vec<Probe> = serde_json::from_str(out.trim()).map_err(|_| SelftestError::NoReport {
+        status,
+        stderr: err.trim().to_owned(),
+    })?;
+    let safe_all = !probes.is_empty() && probes.iter().all(|p| p.outcome == Outcome::Pass);
+    Ok(Report {
+        kernel: kernel_release(),
+        probes,
+        safe_all,
+    })
+}
+
+pub fn kernel_release() -> String {
+    nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// The probe process: joins `cgroup`, takes a new netns, registers it with
+/// mode `all` in the private maps at `root`, runs every probe with its own
+/// deadline and prints the results as JSON. Returns the process exit code.
+pub fn probe_main(root: &Path, cgroup: &Path) -> io::Result<Vec<Probe>> {
+    cgroup2::join(cgroup)?;
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
+    loopback_up()?;
+    let cookie = netns::current_cookie().map_err(io::Error::other)?;
+    let mut node = loader::Node::open(root).map_err(io::Error::other)?;
+    node.register_pod(&PodEntry {
+        netns_cookie: cookie,
+        ips: vec![Ipv4Addr::LOCALHOST.into()],
+        outbound_port: 0,
+        inbound_port: 0,
+        proxy_uid: None,
+        proxy_gid: None,
+        mode: Mode::All,
+    })
+    .map_err(io::Error::other)?;
+    let probes: [(&str, fn(&mut TcpStream, &mut TcpStream) -> (Outcome, String)); 3] = [
+        ("redirect", probe_redirect),
+        ("splice-reader", probe_splice),
+        ("fionread", probe_fionread),
+    ];
+    let mut out = Vec::new();
+    for (name, f) in probes {
+        let before = redirected(&node);
+        let (tx, rx) = mpsc::channel();
+        let pair = connected_pair()?;
+        // A hung probe thread is abandoned; the process exits after the report.
+        thread::spawn(move || {
+            let (mut client, mut server) = pair;
+            tx.send(f(&mut client, &mut server)).ok();
+        });
+        let (mut outcome, mut detail) = rx
+            .recv_timeout(PROBE_DEADLINE)
+            .unwrap_or((Outcome::Hang, format!("no result within {PROBE_DEADLINE:?}")));
+        if redirected(&node) == before && outcome != Outcome::Hang {
+            outcome = Outcome::Inconclusive;
+            detail = format!("nothing was redirected ({detail})");
+        }
+        out.push(Probe {
+            name: name.into(),
+            outcome,
+            detail,
+        });
+    }
+    Ok(out)
+}
+
+fn redirected(node: &loader::Node) -> u64 {
+    node.counters()
+        .map(|c| c.get(Counter::RedirectedMsgs))
+        .unwrap_or(0)
+}
+
+fn connected_pair() -> io::Result<(TcpStream, TcpStream)> {
+    let listener = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))?;
+    let client = TcpStream::connect(listener.local_addr()?)?;
+    let (server, _) = listener.accept()?;
+    // Let both ends establish before the first byte (no race with pairing).
+    client.set_nodelay(true)?;
+    Ok((client, server))
+}
+
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
+}
+
+fn probe_redirect(client: &mut TcpStream, server: &mut TcpStream) -> (Outcome, String) {
+    let data = pattern(256 * 1024);
+    let expect = data.clone();
+    let writer = {
+        let mut c = match client.try_clone() {
+            Ok(c) => c,
+            Err(e) => return (Outcome::Fail, format!("clone: {e}")),
+        };
+        thread::spawn(move || c.write_all(&data))
+    };
+    let mut got = vec![0u8; expect.len()];
+    if let Err(e) = server.set_read_timeout(Some(Duration::from_secs(2))) {
+        return (Outcome::Fail, format!("timeout: {e}"));
+    }
+    let read = server.read_exact(&mut got);
+    let written = writer.join().map_err(|_| ()).and_then(|r| r.map_err(|_| ()));
+    match (read, written) {
+        (Ok(()), Ok(())) if got == expect => (Outcome::Pass, "256 KiB delivered intact".into()),
+        (Ok(()), _) => (Outcome::Fail, "bytes differ".into()),
+        (Err(e), _) if e.kind() == io::ErrorKind::WouldBlock => {
+            (Outcome::Hang, "reader timed out".into())
+        }
+        (Err(e), _) => (Outcome::Fail, format!("read: {e}")),
+    }
+}
+
+fn probe_splice(client: &mut TcpStream, server: &mut TcpStream) -> (Outcome, String) {
+    let data = pattern(64 * 1024);
+    if let Err(e) = client.write_all(&data) {
+        return (Outcome::Fail, format!("write: {e}"));
+    }
+    if let Err(e) = server.set_read_timeout(Some(Duration::from_secs(2))) {
+        return (Outcome::Fail, format!("timeout: {e}"));
+    }
+    let (pipe_r, pipe_w) = match nix::unistd::pipe() {
+        Ok(p) => p,
+        Err(e) => return (Outcome::Fail, format!("pipe: {e}")),
+    };
+    let mut got = Vec::with_capacity(data.len());
+    let mut pipe_r = fs::File::from(pipe_r);
+    while got.len() < data.len() {
+        // SAFETY: plain splice(2) between two fds we own.
+        let n = unsafe {
+            libc::splice(
+                server.as_raw_fd(),
+                std::ptr::null_mut(),
+                pipe_w.as_raw_fd(),
+                std::ptr::null_mut(),
+                data.len() - got.len(),
+                0,
+            )
+        };
+        match n {
+            0 => {
+                return (
+                    Outcome::Fail,
+                    format!("splice() read EOF after {} of {} bytes (data loss)", got.len(), data.len()),
+                );
+            }
+            n if n < 0 => {
+                let e = io::Error::last_os_error();
+                return if e.kind() == io::ErrorKind::WouldBlock {
+                    (
+                        Outcome::Hang,
+                        format!("splice() blocked with {} of {} bytes read", got.len(), data.len()),
+                    )
+                } else {
+                    (Outcome::Fail, format!("splice(): {e}"))
+                };
+            }
+            n => {
+                let mut buf = vec![0u8; n as usize];
+                if let Err(e) = pipe_r.read_exact(&mut buf) {
+                    return (Outcome::Fail, format!("pipe read: {e}"));
+                }
+                got.extend_from_slice(&buf);
+            }
+        }
+    }
+    if got == data {
+        (Outcome::Pass, "64 KiB spliced intact".into())
+    } else {
+        (Outcome::Fail, "spliced bytes differ".into())
+    }
+}
+
+fn probe_fionread(client: &mut TcpStream, server: &mut TcpStream) -> (Outcome, String) {
+    const LEN: usize = 10_000;
+    if let Err(e) = client.write_all(&pattern(LEN)) {
+        return (Outcome::Fail, format!("write: {e}"));
+    }
+    // Redirected sends are queued before write() returns; on the stack
+    // path wait until the bytes are readable.
+    let mut fds = [nix::poll::PollFd::new(
+        std::os::fd::AsFd::as_fd(server),
+        nix::poll::PollFlags::POLLIN,
+    )];
+    match nix::poll::poll(&mut fds, 2000u16) {
+        Ok(0) => return (Outcome::Hang, "poll() never reported the data readable".into()),
+        Ok(_) => {}
+        Err(e) => return (Outcome::Fail, format!("poll: {e}")),
+    }
+    let mut avail: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int.
+    let rc = unsafe { libc::ioctl(server.as_raw_fd(), libc::FIONREAD, &mut avail) };
+    if rc != 0 {
+        return (Outcome::Fail, format!("ioctl: {}", io::Error::last_os_error()));
+    }
+    if avail as usize == LEN {
+        (Outcome::Pass, format!("FIONREAD = {avail}"))
+    } else {
+        (Outcome::Fail, format!("FIONREAD = {avail}, {LEN} bytes queued"))
+    }
+}
+
+fn loopback_up() -> io::Result<()> {
+    // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS on "lo" with a zeroed ifreq.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut req: libc::ifreq = std::mem::zeroed();
+        req.ifr_name[0] = b'l' as libc::c_char;
+        req.ifr_name[1] = b'o' as libc::c_char;
+        let mut rc = libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req);
+        if rc == 0 {
+            req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            rc = libc::ioctl(fd, libc::SIOCSIFFLAGS, &req);
+        }
+        let err = io::Error::last_os_error();
+        libc::close(fd);
+        if rc != 0 {
+            return Err(err);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,198 @@
+//! The subcommands.
+
+use std::{path::Path, process::ExitCode, time::Duration};
+
+use anyhow::Context;
+use meshbypass_ebpf::{
+    Counter, Node,
+    abi::{KERNEL_PROBED, KERNEL_SAFE_ALL, LAYOUT_VERSION},
+    loader::{self, OpenError},
+    selftest,
+};
+use serde_json::json;
+
+use crate::cli::{Cli, Command};
+
+const SELFTEST_TIMEOUT: Duration = Duration::from_secs(20);
+
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let root = cli.bpf_root.as_path();
+    match cli.command {
+        Command::Load { selftest } => load(root, selftest, cli.json),
+        Command::Unload => {
+            let report = loader::unload(root)
+                .with_context(|| format!("unloading {}", root.display()))?;
+            if cli.json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!(
+                    "unloaded {}: {} pins and {} pod links removed",
+                    root.display(),
+                    report.pins,
+                    report.links
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status => status(root, cli.json),
+        Command::Selftest => {
+            let report = run_selftest()?;
+            // Record the verdict when the node is loaded here.
+            match Node::open(root) {
+                Ok(mut node) => node
+                    .record_verdict(&report)
+                    .context("recording the selftest verdict")?,
+                Err(OpenError::NotLoaded { .. }) => {}
+                Err(e) => return Err(e).context("opening the node's maps"),
+            }
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print_selftest(&report);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::SelftestProbe { cgroup } => {
+            let probes = selftest::probe_main(root, &cgroup).context("selftest probe")?;
+            println!("{}", serde_json::to_string(&probes)?);
+            // Abandoned (hung) probe threads end with the process.
+            std::process::exit(0);
+        }
+    }
+}
+
+fn run_selftest() -> anyhow::Result<selftest::Report> {
+    let exe = std::env::current_exe().context("locating this binary for the probe process")?;
+    selftest::run(&exe, SELFTEST_TIMEOUT).context("running the kernel selftest")
+}
+
+fn load(root: &Path, run_probe: bool, json_out: bool) -> anyhow::Result<ExitCode> {
+    let (mut node, outcome) =
+        loader::load(root).with_context(|| format!("loading the node's maps at {}", root.display()))?;
+    let cfg = node.config().context("reading mb_config")?;
+    let mut report = None;
+    if run_probe && cfg.kernel_flags & KERNEL_PROBED == 0 {
+        let r = run_selftest()?;
+        node.record_verdict(&r).context("recording the selftest verdict")?;
+        report = Some(r);
+    }
+    let cfg = node.config().context("reading mb_config")?;
+    let auto = auto_mode(cfg.kernel_flags);
+    if json_out {
+        println!(
+            "{}",
+            json!({"outcome": outcome, "bpf_root": root, "auto": auto, "selftest": report})
+        );
+    } else {
+        let what = match outcome {
+            loader::LoadOutcome::Created => "created",
+            loader::LoadOutcome::Reused => "reused",
+        };
+        println!("{what} the node's maps and programs at {}", root.display());
+        if let Some(r) = &report {
+            print_selftest(r);
+        }
+        println!("acceleration auto = {auto}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn auto_mode(kernel_flags: u32) -> &'static str {
+    if kernel_flags & KERNEL_SAFE_ALL != 0 {
+        "all"
+    } else {
+        "proxy-only"
+    }
+}
+
+fn print_selftest(r: &selftest::Report) {
+    println!("kernel {}", r.kernel);
+    println!("{:<15} {:<13} detail", "probe", "outcome");
+    for p in &r.probes {
+        let outcome = serde_json::to_value(p.outcome)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        println!("{:<15} {:<13} {}", p.name, outcome, p.detail);
+    }
+    println!(
+        "verdict: {}",
+        if r.safe_all {
+            "redirecting into any socket is safe (auto = all)"
+        } else {
+            "hazards found (auto = proxy-only)"
+        }
+    );
+}
+
+fn status(root: &Path, json_out: bool) -> anyhow::Result<ExitCode> {
+    let kernel = selftest::kernel_release();
+    let node = match Node::open(root) {
+        Ok(node) => node,
+        Err(OpenError::NotLoaded { .. }) => {
+            let zero: serde_json::Map<String, serde_json::Value> =
+                Counter::ALL.iter().map(|c| (c.name().to_owned(), json!(0))).collect();
+            if json_out {
+                println!(
+                    "{}",
+                    json!({"loaded": false, "bpf_root": root, "kernel": kernel, "pods": 0,
+                           "links": 0, "counters": zero, "hazards": []})
+                );
+            } else {
+                println!("not loaded at {} (run `meshbypass-node load`)", root.display());
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        Err(e) => return Err(e).context("opening the node's maps"),
+    };
+    let cfg = node.config().context("reading mb_config")?;
+    let counters = node.counters().context("reading counters")?;
+    let pods = node.pods();
+    let links = node.links();
+    let (tx, rx) = node.socket_counts();
+    let (pairs, endpoints) = node.pairing_counts();
+    let hazards: Vec<_> = selftest::hazards(cfg.kernel_flags)
+        .into_iter()
+        .map(|(probe, what)| json!({"probe": probe, "effect": what}))
+        .collect();
+    if json_out {
+        println!(
+            "{}",
+            json!({
+                "loaded": true,
+                "bpf_root": root,
+                "layout_version": LAYOUT_VERSION,
+                "kernel": kernel,
+                "selftest": {
+                    "probed": cfg.kernel_flags & KERNEL_PROBED != 0,
+                    "safe_all": cfg.kernel_flags & KERNEL_SAFE_ALL != 0,
+                    "probed_at": cfg.probed_at,
+                },
+                "auto": auto_mode(cfg.kernel_flags),
+                "hazards": hazards,
+                "pods": pods.len(),
+                "pod_list": pods,
+                "links": links.len(),
+                "sockets": {"tx": tx, "rx": rx},
+                "pairing": {"pairs": pairs, "endpoints": endpoints},
+                "counters": counters,
+            })
+        );
+    } else {
+        println!("loaded at {} (layout {LAYOUT_VERSION}), kernel {kernel}", root.display());
+        let probed = if cfg.kernel_flags & KERNEL_PROBED != 0 {
+            "selftest recorded"
+        } else {
+            "no selftest recorded"
+        };
+        println!("acceleration auto = {} ({probed})", auto_mode(cfg.kernel_flags));
+        for h in &hazards {
+            println!("hazard: {} — {}", h["probe"].as_str().unwrap_or(""), h["effect"].as_str().unwrap_or(""));
+        }
+        println!("pods {}  links {}  sockets tx {tx} rx {rx}  pairs {pairs}  waiting {endpoints}", pods.len(), links.len());
+        for (name, value) in &counters.0 {
+            println!("  {name:<20} {value}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -43,16 +43,20 @@ static __always_inline int key_eq(const struct mb_sock_key *a, const struct mb_s
 	       a->remote_port == b->remote_port;
 }
 
-/* The effective mode of a pod: auto follows the node's selftest verdict. */
-static __always_inline __u8 effective_mode(const struct mb_pod *pod)
+static __always_inline __u32 kernel_flags(void)
 {
 	__u32 zero = 0;
-	struct mb_config *cfg;
+	struct mb_config *cfg = bpf_map_lookup_elem(&mb_config, &zero);
 
+	return cfg ? cfg->kernel_flags : 0;
+}
+
+/* The effective mode of a pod: auto follows the node's selftest verdict. */
+static __always_inline __u8 effective_mode(const struct mb_pod *pod, __u32 kflags)
+{
 	if (pod->mode != MB_MODE_AUTO)
 		return pod->mode;
-	cfg = bpf_map_lookup_elem(&mb_config, &zero);
-	if (cfg && (cfg->kernel_flags & MB_KERNEL_SAFE_ALL))
+	if (kflags & MB_KERNEL_SAFE_ALL)
 		return MB_MODE_ALL;
 	return MB_MODE_PROXY_ONLY;
 }
@@ -146,7 +150,8 @@ static __always_inline void on_established(struct bpf_sock_ops *skops, int activ
 	struct mb_sk_state *st;
 	struct mb_pod *pod;
 	struct mb_pod *remote_pod;
-	__u32 can_rx = 0, is_proxy = 0, on_redirect_port = 0;
+	__u32 can_rx = 0, can_tx = 0, is_proxy = 0, on_redirect_port = 0;
+	__u32 kflags;
 	__u8 mode;
 	long err;
 
@@ -155,7 +160,8 @@ static __always_inline void on_established(struct bpf_sock_ops *skops, int activ
 	pod = bpf_map_lookup_elem(&mb_netns, &netns);
 	if (!pod)
 		return;
-	mode = effective_mode(pod);
+	kflags = kernel_flags();
+	mode = effective_mode(pod, kflags);
 	if (mode == MB_MODE_OFF)
 		return;
 
@@ -205,6 +211,11 @@ static __always_inline void on_established(struct bpf_sock_ops *skops, int activ
 		}
 	}
 	can_rx = mode == MB_MODE_ALL || (mode == MB_MODE_PROXY_ONLY && is_proxy);
+	/* proxy-only: an app socket may only send redirected, and only where
+	 * being a map member is harmless on this kernel. */
+	can_tx = mode == MB_MODE_ALL || is_proxy || (kflags & MB_KERNEL_SAFE_MEMBER);
+	if (!can_rx && !can_tx)
+		return;
 	/* Bytes already on the stack (TCP Fast Open): keep those directions there. */
 	if (active && skops->data_segs_out > 0)
 		st->flags |= MB_SK_STICKY;
@@ -219,7 +230,7 @@ static __always_inline void on_established(struct bpf_sock_ops *skops, int activ
 		}
 		st->flags |= MB_SK_IN_RX;
 	}
-	if (bpf_sock_hash_update(skops, &mb_tx, &st->self, BPF_ANY)) {
+	if (can_tx && bpf_sock_hash_update(skops, &mb_tx, &st->self, BPF_ANY)) {
 		count(MB_CTR_MAP_FULL, 1);
 		return;
 	}
@@ -228,7 +239,7 @@ static __always_inline void on_established(struct bpf_sock_ops *skops, int activ
 	count(MB_CTR_SOCKETS_TRACKED, 1);
 
 	ev.key = st->self;
-	ev.flags |= (can_rx ? MB_EP_CAN_RX : 0) | (on_redirect_port ? MB_EP_REDIRECT_PORT : 0) |
+	ev.flags |= (can_rx ? MB_EP_CAN_RX : 0) | (can_tx ? MB_EP_CAN_TX : 0) | (on_redirect_port ? MB_EP_REDIRECT_PORT : 0) |
 		    (is_proxy ? MB_EP_PROXY : 0);
 	err = bpf_map_update_elem(&mb_endpoints, &ek, &ev, BPF_NOEXIST);
 	if (err == 0) {
@@ -261,19 +272,23 @@ static __always_inline void on_established(struct bpf_sock_ops *skops, int activ
 
 	{
 		struct mb_sock_key a, p;
-		__u32 a_rx, p_rx, p_redirect, pair_flags, plain;
+		__u32 a_rx, p_rx, a_tx, p_tx, p_redirect, pair_flags, plain;
 
 		if (active) {
 			a = st->self;
 			a_rx = can_rx;
+			a_tx = can_tx;
 			p = other->key;
 			p_rx = other->flags & MB_EP_CAN_RX;
+			p_tx = other->flags & MB_EP_CAN_TX;
 			p_redirect = other->flags & MB_EP_REDIRECT_PORT;
 		} else {
 			a = other->key;
 			a_rx = other->flags & MB_EP_CAN_RX;
+			a_tx = other->flags & MB_EP_CAN_TX;
 			p = st->self;
 			p_rx = can_rx;
+			p_tx = can_tx;
 			p_redirect = on_redirect_port;
 		}
 		plain = addr_eq(a.remote_ip, p.local_ip) && a.remote_port == p.local_port;
@@ -284,8 +299,8 @@ static __always_inline void on_established(struct bpf_sock_ops *skops, int activ
 		}
 		bpf_map_delete_elem(&mb_endpoints, &ek);
 		pair_flags = plain ? 0 : MB_PAIR_NAT;
-		write_pair(&a, 1, &p, p_rx, pair_flags);
-		write_pair(&p, 1, &a, a_rx, pair_flags);
+		write_pair(&a, a_tx, &p, p_rx, pair_flags);
+		write_pair(&p, p_tx, &a, a_rx, pair_flags);
 		count(plain ? MB_CTR_PAIRS_PLAIN : MB_CTR_PAIRS_NAT, 1);
 	}
 }

@@ -15,8 +15,12 @@ pub const KERNEL_PROBED: u32 = 1 << 0;
 /// `MB_KERNEL_SAFE_ALL`: the verdict says any socket may receive redirected data.
 pub const KERNEL_SAFE_ALL: u32 = 1 << 1;
 
+/// `MB_KERNEL_SAFE_MEMBER`: the verdict says a socket that is only a map
+/// member behaves as on plain TCP (proxy-only may then put app sockets in tx).
+pub const KERNEL_SAFE_MEMBER: u32 = 1 << 5;
+
 /// `MB_KERNEL_HAZARD_*`: what the selftest found, by probe name.
-pub const KERNEL_HAZARDS: [(u32, &str, &str); 3] = [
+pub const KERNEL_HAZARDS: [(u32, &str, &str); 4] = [
     (1 << 2, "redirect", "sk_msg redirection does not deliver: nothing is accelerated"),
     (
         1 << 3,
@@ -27,6 +31,12 @@ pub const KERNEL_HAZARDS: [(u32, &str, &str); 3] = [
         1 << 4,
         "fionread",
         "FIONREAD does not count redirected data: auto redirects only into proxy sockets",
+    ),
+    (
+        1 << 6,
+        "blocking-read",
+        "a blocking read() on any sockmap member fails with EAGAIN when woken without data: \
+         proxy-only and auto keep app sockets out of the maps (sidecar-to-sidecar only)",
     ),
 ];
 

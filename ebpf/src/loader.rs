@@ -442,3 +442,34 @@ fn remove_dir_if_present(dir: &Path) -> Result<(), LoadError> {
         }),
     }
 }
+
+/// Read access to the datapath's state, for status, GC and tests.
+impl Node {
+    /// Keys of the sockets in (tx, rx).
+    pub fn socket_keys(&self) -> (Vec<SockKey>, Vec<SockKey>) {
+        (
+            self.tx.keys().filter_map(Result::ok).collect(),
+            self.rx.keys().filter_map(Result::ok).collect(),
+        )
+    }
+
+    /// Every pair entry: socket -> peer.
+    pub fn pairs(&self) -> Vec<(SockKey, Pair)> {
+        self.pairs.iter().filter_map(Result::ok).collect()
+    }
+
+    /// Every waiting endpoint.
+    pub fn endpoints(&self) -> Vec<(EndpointKey, Endpoint)> {
+        self.endpoints.iter().filter_map(Result::ok).collect()
+    }
+
+    /// Writes a pair entry (repair and tests).
+    pub fn set_pair(&mut self, key: &SockKey, pair: &Pair) -> Result<(), MapError> {
+        self.pairs.insert(key, pair, 0)
+    }
+
+    /// Removes a pair entry (repair and tests).
+    pub fn remove_pair(&mut self, key: &SockKey) -> Result<(), MapError> {
+        self.pairs.remove(key)
+    }
+}

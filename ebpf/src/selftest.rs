@@ -50,6 +50,9 @@ pub struct Report {
     pub probes: Vec<Probe>,
     /// Every probe passed: `auto` may redirect into any socket.
     pub safe_all: bool,
+    /// Redirection works and a plain map member reads as on plain TCP:
+    /// `proxy-only` may let app sockets send redirected.
+    pub safe_member: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +85,9 @@ impl Report {
         let mut flags = crate::abi::KERNEL_PROBED;
         if self.safe_all {
             flags |= crate::abi::KERNEL_SAFE_ALL;
+        }
+        if self.safe_member {
+            flags |= crate::abi::KERNEL_SAFE_MEMBER;
         }
         for (bit, name, _) in crate::abi::KERNEL_HAZARDS {
             if self
@@ -178,11 +184,14 @@ fn run_in(exe: &Path, timeout: Duration, root: &Path, cgroup: &Path) -> Result<R
         status,
         stderr: err.trim().to_owned(),
     })?;
+    let passed = |name: &str| probes.iter().any(|p| p.name == name && p.outcome == Outcome::Pass);
     let safe_all = !probes.is_empty() && probes.iter().all(|p| p.outcome == Outcome::Pass);
+    let safe_member = passed("redirect") && passed("blocking-read");
     Ok(Report {
         kernel: kernel_release(),
         probes,
         safe_all,
+        safe_member,
     })
 }
 
@@ -211,10 +220,11 @@ pub fn probe_main(root: &Path, cgroup: &Path) -> io::Result<Vec<Probe>> {
         mode: Mode::All,
     })
     .map_err(io::Error::other)?;
-    let probes: [(&str, fn(&mut TcpStream, &mut TcpStream) -> (Outcome, String)); 3] = [
+    let probes: [(&str, fn(&mut TcpStream, &mut TcpStream) -> (Outcome, String)); 4] = [
         ("redirect", probe_redirect),
         ("splice-reader", probe_splice),
         ("fionread", probe_fionread),
+        ("blocking-read", probe_blocking_read),
     ];
     let mut out = Vec::new();
     for (name, f) in probes {
@@ -373,6 +383,50 @@ fn probe_fionread(client: &mut TcpStream, server: &mut TcpStream) -> (Outcome, S
         (Outcome::Pass, format!("FIONREAD = {avail}"))
     } else {
         (Outcome::Fail, format!("FIONREAD = {avail}, {LEN} bytes queued"))
+    }
+}
+
+/// A blocking reader on a map member, woken by something other than data
+/// (its own FIN being acknowledged), must keep waiting, not fail.
+fn probe_blocking_read(client: &mut TcpStream, server: &mut TcpStream) -> (Outcome, String) {
+    // Traffic first, so the probe counts as redirected.
+    if let Err(e) = client.write_all(b"warm-up") {
+        return (Outcome::Fail, format!("write: {e}"));
+    }
+    let mut buf = [0u8; 7];
+    if let Err(e) = server.read_exact(&mut buf) {
+        return (Outcome::Fail, format!("warm-up read: {e}"));
+    }
+    let mut reader = match server.try_clone() {
+        Ok(r) => r,
+        Err(e) => return (Outcome::Fail, format!("clone: {e}")),
+    };
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let mut b = [0u8; 1];
+        tx.send(reader.read(&mut b).map_err(|e| e.kind())).ok();
+    });
+    // The reader blocks; our FIN and its ACK wake it without data.
+    if let Err(e) = server.shutdown(std::net::Shutdown::Write) {
+        return (Outcome::Fail, format!("shutdown: {e}"));
+    }
+    match rx.recv_timeout(Duration::from_millis(500)) {
+        Ok(Err(kind)) => {
+            return (
+                Outcome::Fail,
+                format!("a blocking read() failed with {kind:?} when woken without data"),
+            );
+        }
+        Ok(Ok(n)) => return (Outcome::Fail, format!("read() returned {n} with no data sent")),
+        Err(_) => {}
+    }
+    if let Err(e) = client.write_all(b"x") {
+        return (Outcome::Fail, format!("write: {e}"));
+    }
+    match rx.recv_timeout(Duration::from_secs(2)) {
+        Ok(Ok(1)) => (Outcome::Pass, "kept blocking until data arrived".into()),
+        Ok(other) => (Outcome::Fail, format!("read() gave {other:?}")),
+        Err(_) => (Outcome::Hang, "data never reached the blocked reader".into()),
     }
 }
 

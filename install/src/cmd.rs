@@ -5,7 +5,7 @@ use std::{path::Path, process::ExitCode, time::Duration};
 use anyhow::Context;
 use meshbypass_ebpf::{
     Counter, Node,
-    abi::{KERNEL_PROBED, KERNEL_SAFE_ALL, LAYOUT_VERSION},
+    abi::{KERNEL_PROBED, KERNEL_SAFE_ALL, KERNEL_SAFE_MEMBER, LAYOUT_VERSION},
     loader::{self, OpenError},
     selftest,
 };
@@ -117,10 +117,10 @@ fn print_selftest(r: &selftest::Report) {
     }
     println!(
         "verdict: {}",
-        if r.safe_all {
-            "redirecting into any socket is safe (auto = all)"
-        } else {
-            "hazards found (auto = proxy-only)"
+        match (r.safe_all, r.safe_member) {
+            (true, _) => "redirecting into any socket is safe (auto = all)",
+            (false, true) => "hazards found (auto = proxy-only: app sockets send redirected, only proxies receive)",
+            (false, false) => "hazards found (auto = proxy-only: sidecar-to-sidecar legs only)",
         }
     );
 }
@@ -166,6 +166,7 @@ fn status(root: &Path, json_out: bool) -> anyhow::Result<ExitCode> {
                 "selftest": {
                     "probed": cfg.kernel_flags & KERNEL_PROBED != 0,
                     "safe_all": cfg.kernel_flags & KERNEL_SAFE_ALL != 0,
+                    "safe_member": cfg.kernel_flags & KERNEL_SAFE_MEMBER != 0,
                     "probed_at": cfg.probed_at,
                 },
                 "auto": auto_mode(cfg.kernel_flags),

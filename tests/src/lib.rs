@@ -1,1 +1,377 @@
+//! The privileged test kit: uniquely named network namespaces, cgroups, bpf
+//! roots and helper processes, each removed by name when its guard drops
+//! (also when a test panics). Root is required; tests say so and fail when
+//! it is missing rather than pass without testing.
 
+use std::{
+    io::{BufRead, BufReader, Write},
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, Command, Stdio},
+    sync::{
+        Mutex,
+        atomic::{AtomicU32, Ordering},
+        mpsc,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use meshbypass_ebpf::{Counter, Mode, Node, PodEntry, counters::Counters};
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A name unique to this process and call: `mbt<pid><seq><tag>`, short
+/// enough for interface names (15 bytes) when `tag` is short.
+pub fn unique(tag: &str) -> String {
+    let n = SEQ.fetch_add(1, Ordering::SeqCst);
+    format!("mbt{}{}{tag}", std::process::id() % 100_000, n)
+}
+
+/// Panics unless running as root: these tests need netns, cgroups and bpf.
+pub fn require_root() {
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "privileged tests need root (run scripts/test.sh as root)"
+    );
+}
+
+/// Runs a command, panicking with its output when it fails.
+pub fn sh(args: &[&str]) -> String {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Like [`sh`] but for cleanup: failures are reported, not fatal.
+fn sh_quiet(args: &[&str]) {
+    match Command::new(args[0]).args(&args[1..]).output() {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => eprintln!("cleanup {args:?}: {}", String::from_utf8_lossy(&o.stderr).trim()),
+        Err(e) => eprintln!("cleanup {args:?}: {e}"),
+    }
+}
+
+/// Polls `cond` until it holds or `timeout` passes.
+pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A named network namespace (`ip netns add`), deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(tag: &str) -> Self {
+        let name = unique(tag);
+        sh(&["ip", "netns", "add", &name]);
+        let ns = Self { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    /// `ip -n <ns> ...`
+    pub fn ip(&self, args: &[&str]) -> String {
+        let mut v = vec!["ip", "-n", &self.name];
+        v.extend_from_slice(args);
+        sh(&v)
+    }
+
+    /// A command inside the namespace (`ip netns exec`; /sys is remounted
+    /// there, so never for anything that needs the cgroup2 mount).
+    pub fn exec(&self, args: &[&str]) -> String {
+        let mut v = vec!["ip", "netns", "exec", &self.name];
+        v.extend_from_slice(args);
+        sh(&v)
+    }
+
+    /// The netns cookie.
+    pub fn cookie(&self) -> u64 {
+        meshbypass_ebpf::netns::cookie_of(&self.path()).expect("netns cookie")
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        sh_quiet(&["ip", "netns", "del", &self.name]);
+    }
+}
+
+/// Two namespaces joined by a veth pair: `a` is 10.211.0.1 / fd00:6d62::1,
+/// `b` is 10.211.0.2 / fd00:6d62::2 (addresses exist only inside them).
+pub struct PodPair {
+    pub a: Netns,
+    pub b: Netns,
+}
+
+pub const A_V4: &str = "10.211.0.1";
+pub const B_V4: &str = "10.211.0.2";
+pub const A_V6: &str = "fd00:6d62::1";
+pub const B_V6: &str = "fd00:6d62::2";
+
+impl PodPair {
+    pub fn new() -> Self {
+        let a = Netns::new("a");
+        let b = Netns::new("b");
+        let (va, vb) = (unique("va"), unique("vb"));
+        sh(&[
+            "ip", "link", "add", &va, "netns", &a.name, "type", "veth", "peer", "name", &vb, "netns", &b.name,
+        ]);
+        for (ns, dev, v4, v6) in [(&a, &va, A_V4, A_V6), (&b, &vb, B_V4, B_V6)] {
+            ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", dev]);
+            ns.ip(&["-6", "addr", "add", &format!("{v6}/64"), "dev", dev, "nodad"]);
+            ns.ip(&["link", "set", dev, "up"]);
+        }
+        Self { a, b }
+    }
+}
+
+impl Default for PodPair {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A cgroup v2 directory, removed on drop (after its processes are gone).
+pub struct Cgroup {
+    pub path: PathBuf,
+}
+
+impl Cgroup {
+    pub fn new(tag: &str) -> Self {
+        let root = meshbypass_ebpf::cgroup2::mount_point().expect("no cgroup2 mount on this host");
+        let path = root.join(unique(tag));
+        std::fs::create_dir(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
+        Self { path }
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        // Processes may take a moment to leave after being killed.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match std::fs::remove_dir(&self.path) {
+                Ok(()) => return,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+                Err(e) if Instant::now() > deadline => {
+                    eprintln!("cleanup {}: {e}", self.path.display());
+                    return;
+                }
+                Err(_) => thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+}
+
+/// A private bpf root with the programs loaded; unloaded on drop.
+pub struct BpfRoot {
+    pub path: PathBuf,
+    pub node: Mutex<Node>,
+}
+
+impl BpfRoot {
+    pub fn load() -> Self {
+        let path = PathBuf::from("/sys/fs/bpf").join(unique("root"));
+        let (node, _) = meshbypass_ebpf::load(&path).expect("load the programs");
+        Self {
+            path,
+            node: Mutex::new(node),
+        }
+    }
+
+    pub fn counters(&self) -> Counters {
+        self.node.lock().unwrap().counters().expect("read counters")
+    }
+
+    pub fn counter(&self, c: Counter) -> u64 {
+        self.counters().get(c)
+    }
+
+    /// Attaches the bypass to `cgroup` and registers the pod in `ns`.
+    pub fn add_pod(&self, ns: &Netns, cgroup: &Cgroup, ips: &[&str], mode: Mode) -> u64 {
+        let node = self.node.lock().unwrap();
+        node.attach_cgroup(&cgroup.path, &ns.name).expect("attach to the pod cgroup");
+        drop(node);
+        self.register(ns, ips, mode)
+    }
+
+    /// Registers the pod in `ns` with Istio's proxy ports and UID.
+    pub fn register(&self, ns: &Netns, ips: &[&str], mode: Mode) -> u64 {
+        let cookie = ns.cookie();
+        self.node
+            .lock()
+            .unwrap()
+            .register_pod(&PodEntry {
+                netns_cookie: cookie,
+                ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
+                outbound_port: 15001,
+                inbound_port: 15006,
+                proxy_uid: Some(1337),
+                proxy_gid: Some(1337),
+                mode,
+            })
+            .expect("register pod");
+        cookie
+    }
+}
+
+impl Drop for BpfRoot {
+    fn drop(&mut self) {
+        if let Err(e) = meshbypass_ebpf::unload(&self.path) {
+            eprintln!("cleanup {}: {e}", self.path.display());
+        }
+    }
+}
+
+/// The path of a binary built beside the test executable.
+pub fn sibling_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: build the workspace first (cargo build --workspace)",
+        p.display()
+    );
+    p
+}
+
+/// A running `mb-peer`, killed by PID on drop.
+pub struct Peer {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: mpsc::Receiver<String>,
+    pub role: String,
+}
+
+/// Where a peer runs.
+pub struct Place<'a> {
+    pub ns: &'a Netns,
+    pub cgroup: &'a Cgroup,
+    pub uid: Option<u32>,
+}
+
+impl Peer {
+    pub fn spawn(place: &Place<'_>, role: &str, args: &[&str]) -> Self {
+        let mut cmd = Command::new(sibling_bin("mb-peer"));
+        cmd.arg(role)
+            .arg("--cgroup")
+            .arg(&place.cgroup.path)
+            .arg("--netns")
+            .arg(place.ns.path())
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        if let Some(uid) = place.uid {
+            cmd.arg("--uid").arg(uid.to_string());
+        }
+        let mut child = cmd.spawn().expect("spawn mb-peer");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stdin = child.stdin.take();
+        Self {
+            child,
+            stdin,
+            lines,
+            role: role.into(),
+        }
+    }
+
+    /// The next output line, within `timeout`.
+    pub fn line(&self, timeout: Duration) -> String {
+        self.lines
+            .recv_timeout(timeout)
+            .unwrap_or_else(|_| panic!("mb-peer {} said nothing within {timeout:?}", self.role))
+    }
+
+    /// Waits for "ready PORT" and returns the port.
+    pub fn ready(&self) -> u16 {
+        let l = self.line(Duration::from_secs(10));
+        l.strip_prefix("ready ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("mb-peer {}: unexpected {l:?}", self.role))
+    }
+
+    /// Sends one command line (interactive role) and returns the reply.
+    pub fn ask(&mut self, cmd: &str) -> String {
+        let stdin = self.stdin.as_mut().expect("stdin");
+        writeln!(stdin, "{cmd}").expect("write to mb-peer");
+        stdin.flush().expect("flush");
+        self.line(Duration::from_secs(30))
+    }
+
+    /// Waits for the process to exit; returns (success, last line).
+    pub fn finish(mut self, timeout: Duration) -> (bool, String) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.child.try_wait().expect("wait") {
+                Some(status) => {
+                    let mut last = String::new();
+                    while let Ok(l) = self.lines.recv_timeout(Duration::from_millis(200)) {
+                        last = l;
+                    }
+                    return (status.success(), last);
+                }
+                None if Instant::now() > deadline => panic!("mb-peer {} still running after {timeout:?}", self.role),
+                None => thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            if let Err(e) = self.child.kill() {
+                eprintln!("cleanup: kill mb-peer {}: {e}", self.child.id());
+            }
+            if let Err(e) = self.child.wait() {
+                eprintln!("cleanup: wait mb-peer {}: {e}", self.child.id());
+            }
+        }
+    }
+}
+
+/// Runs a client to completion and asserts every echo was intact.
+pub fn run_client(place: &Place<'_>, connect: &str, sizes: &[usize]) -> serde_json::Value {
+    run_client_with(place, connect, sizes, &[])
+}
+
+/// [`run_client`] with extra mb-peer flags.
+pub fn run_client_with(place: &Place<'_>, connect: &str, sizes: &[usize], extra: &[&str]) -> serde_json::Value {
+    let sizes = sizes.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
+    let mut args = vec!["--connect", connect, "--sizes", &sizes];
+    args.extend_from_slice(extra);
+    let peer = Peer::spawn(place, "client", &args);
+    let (ok, last) = peer.finish(Duration::from_secs(120));
+    let v: serde_json::Value =
+        serde_json::from_str(&last).unwrap_or_else(|_| panic!("client printed {last:?}"));
+    assert!(ok && v["ok"] == true, "client failed: {v}");
+    v
+}

@@ -16,16 +16,23 @@
 /* Acceleration modes, as written by the plugin into struct mb_pod.mode. */
 #define MB_MODE_AUTO 0       /* all if the node's selftest passed, else proxy-only */
 #define MB_MODE_ALL 1        /* redirect every paired direction */
-#define MB_MODE_PROXY_ONLY 2 /* redirect only into the sidecar proxy's sockets */
+#define MB_MODE_PROXY_ONLY 2 /* redirect only into the sidecar proxy's sockets; app sockets
+                             * join mb_tx only where the kernel is SAFE_MEMBER */
 #define MB_MODE_OFF 3        /* track nothing */
 
 /* mb_config.kernel_flags */
 #define MB_KERNEL_PROBED (1u << 0)   /* a selftest verdict was recorded */
 #define MB_KERNEL_SAFE_ALL (1u << 1) /* the verdict: redirecting into any socket is safe */
+/* The verdict: a socket that is only a map member (never fed redirected data)
+ * behaves as on plain TCP. Without it proxy-only keeps app sockets out of
+ * every map: on 6.18 a blocking read() on any sockmap member returns EAGAIN
+ * when woken without data (tcp_bpf_recvmsg waits once). */
+#define MB_KERNEL_SAFE_MEMBER (1u << 5)
 /* Hazards the selftest found (user space only; the programs read SAFE_ALL). */
 #define MB_KERNEL_HAZARD_REDIRECT (1u << 2) /* redirected data did not arrive */
 #define MB_KERNEL_HAZARD_SPLICE (1u << 3)   /* splice() readers hang or read EOF */
 #define MB_KERNEL_HAZARD_FIONREAD (1u << 4) /* FIONREAD misses redirected bytes */
+#define MB_KERNEL_HAZARD_BLOCKING (1u << 6) /* blocking read() on a member fails with EAGAIN */
 
 /* Counters: indexes into mb_counters (per CPU, summed by user space). */
 enum mb_counter {
@@ -76,6 +83,7 @@ struct mb_endpoint_key {
 #define MB_EP_REDIRECT_PORT (1u << 2) /* passive, on its pod's outbound or inbound proxy port */
 #define MB_EP_AMBIGUOUS (1u << 3)     /* two sockets claimed this endpoint: pair nobody */
 #define MB_EP_PROXY (1u << 4)         /* the waiting socket is the sidecar proxy's */
+#define MB_EP_CAN_TX (1u << 5)        /* it is in mb_tx: its sends may be redirected */
 
 /* The first of two sockets to establish, waiting for its other end. */
 struct mb_endpoint {

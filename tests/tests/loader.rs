@@ -1,0 +1,144 @@
+//! The shared loader through the real binary: concurrency, reuse, version
+//! stamp, unload. Root only.
+
+use std::{path::PathBuf, process::Command};
+
+use meshbypass_tests::*;
+
+fn node_cmd(args: &[&str], root: &str) -> std::process::Output {
+    Command::new(sibling_bin("meshbypass-node"))
+        .args(args)
+        .args(["--bpf-root", root])
+        .output()
+        .expect("run meshbypass-node")
+}
+
+struct Root(String);
+
+impl Drop for Root {
+    fn drop(&mut self) {
+        if let Err(e) = meshbypass_ebpf::unload(std::path::Path::new(&self.0)) {
+            eprintln!("cleanup {}: {e}", self.0);
+        }
+    }
+}
+
+fn new_root() -> Root {
+    Root(format!("/sys/fs/bpf/{}", unique("ld")))
+}
+
+fn prog_id(root: &str) -> u32 {
+    let p = aya::programs::SockOps::from_pin(PathBuf::from(root).join("progs/mb_sockops")).unwrap();
+    p.info().unwrap().id()
+}
+
+#[test]
+fn eight_concurrent_loads_create_once() {
+    require_root();
+    let root = new_root();
+    let children: Vec<_> = (0..8)
+        .map(|_| {
+            Command::new(sibling_bin("meshbypass-node"))
+                .args(["load", "--no-selftest", "--json", "--bpf-root", &root.0])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        assert!(out.status.success(), "load failed: {}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        outcomes.push(v["outcome"].as_str().unwrap().to_owned());
+    }
+    outcomes.sort();
+    assert_eq!(outcomes.iter().filter(|o| *o == "created").count(), 1, "{outcomes:?}");
+    assert_eq!(outcomes.iter().filter(|o| *o == "reused").count(), 7, "{outcomes:?}");
+    // A further load changes nothing: same program, same maps.
+    let id = prog_id(&root.0);
+    let out = node_cmd(&["load", "--no-selftest", "--json"], &root.0);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"reused\""));
+    assert_eq!(prog_id(&root.0), id);
+}
+
+#[test]
+fn a_layout_version_mismatch_is_a_clear_error() {
+    require_root();
+    let root = new_root();
+    assert!(node_cmd(&["load", "--no-selftest"], &root.0).status.success());
+    // Stamp another layout version (99) into mb_config.
+    let value: Vec<String> = [99u32, 0, 0, 0].iter().flat_map(|v| v.to_le_bytes()).map(|b| b.to_string()).collect();
+    let mut args = vec!["bpftool", "map", "update", "pinned"];
+    let pin = format!("{}/mb_config", root.0);
+    args.push(&pin);
+    args.extend(["key", "0", "0", "0", "0", "value"]);
+    args.extend(value.iter().map(String::as_str));
+    sh(&args);
+    for cmd in [&["load", "--no-selftest"][..], &["status", "--json"][..]] {
+        let out = node_cmd(cmd, &root.0);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{cmd:?} accepted a foreign layout");
+        assert!(err.contains("layout version 99") && err.contains("unload"), "{cmd:?}: {err}");
+    }
+    // unload still cleans it up.
+    assert!(node_cmd(&["unload"], &root.0).status.success());
+    assert!(!std::path::Path::new(&root.0).exists());
+}
+
+#[test]
+fn unload_leaves_no_pin_and_detaches_links() {
+    require_root();
+    let root = new_root();
+    let out = node_cmd(&["load", "--no-selftest"], &root.0);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let cg = Cgroup::new("ul");
+    let node = meshbypass_ebpf::Node::open(std::path::Path::new(&root.0)).unwrap();
+    node.attach_cgroup(&cg.path, "container-1").unwrap();
+    assert_eq!(node.links(), vec!["container-1".to_owned()]);
+    let attached = sh(&["bpftool", "cgroup", "show", cg.path.to_str().unwrap()]);
+    assert!(attached.contains("mb_sockops"), "{attached}");
+    drop(node);
+    let out = node_cmd(&["unload", "--json"], &root.0);
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["links"], 1);
+    assert!(!std::path::Path::new(&root.0).exists(), "the bpf root is left behind");
+    let attached = sh(&["bpftool", "cgroup", "show", cg.path.to_str().unwrap()]);
+    assert!(!attached.contains("mb_sockops"), "still attached: {attached}");
+    // status on an unloaded root says so.
+    let out = node_cmd(&["status", "--json"], &root.0);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["loaded"], false);
+}
+
+#[test]
+fn status_json_shows_counters_rising_under_traffic() {
+    require_root();
+    let pods = PodPair::new();
+    let root = BpfRoot::load();
+    let (cg_a, cg_b) = (Cgroup::new("ca"), Cgroup::new("cb"));
+    root.add_pod(&pods.a, &cg_a, &[A_V4], meshbypass_ebpf::Mode::All);
+    root.add_pod(&pods.b, &cg_b, &[B_V4], meshbypass_ebpf::Mode::All);
+    let status = || -> serde_json::Value {
+        let out = node_cmd(&["status", "--json"], root.path.to_str().unwrap());
+        assert!(out.status.success());
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let s0 = status();
+    assert_eq!(s0["loaded"], true);
+    assert_eq!(s0["pods"], 2);
+    assert_eq!(s0["counters"]["redirected_msgs"], 0);
+    let server = Peer::spawn(&Place { ns: &pods.b, cgroup: &cg_b, uid: None }, "echo", &["--listen", "0.0.0.0:0"]);
+    let port = server.ready();
+    run_client(&Place { ns: &pods.a, cgroup: &cg_a, uid: None }, &format!("{B_V4}:{port}"), &[50_000; 4]);
+    let s1 = status();
+    for k in ["redirected_msgs", "redirected_bytes"] {
+        assert!(s1["counters"][k].as_u64().unwrap() > 0, "{k}: {s1}");
+    }
+    assert!(s1["counters"]["passthrough_msgs"].is_u64());
+    assert!(s1["kernel"].is_string());
+    eprintln!("status: {s1}");
+}

@@ -17,7 +17,10 @@ fn main() -> anyhow::Result<()> {
     let multiarch = format!("/usr/include/{}-linux-gnu", env::consts::ARCH);
 
     println!("cargo:rerun-if-changed={}", src.display());
-    println!("cargo:rerun-if-changed={}", include.join("meshbypass_maps.h").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        include.join("meshbypass_maps.h").display()
+    );
     println!("cargo:rerun-if-env-changed=MESHBYPASS_CLANG");
 
     let status = Command::new(&clang)

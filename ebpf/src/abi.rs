@@ -21,7 +21,11 @@ pub const KERNEL_SAFE_MEMBER: u32 = 1 << 5;
 
 /// `MB_KERNEL_HAZARD_*`: what the selftest found, by probe name.
 pub const KERNEL_HAZARDS: [(u32, &str, &str); 4] = [
-    (1 << 2, "redirect", "sk_msg redirection does not deliver: nothing is accelerated"),
+    (
+        1 << 2,
+        "redirect",
+        "sk_msg redirection does not deliver: nothing is accelerated",
+    ),
     (
         1 << 3,
         "splice-reader",

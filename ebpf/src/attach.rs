@@ -88,12 +88,12 @@ impl Node {
             .attach(&cgroup, CgroupAttachMode::Single)
             .map_err(attach_err)?;
         let link = prog.take_link(id).map_err(attach_err)?;
-        let fd_link: FdLink = link.try_into().map_err(|e: aya::programs::links::LinkError| {
-            AttachError::Pin {
-                path: pin.clone(),
-                source: Box::new(e),
-            }
-        })?;
+        let fd_link: FdLink =
+            link.try_into()
+                .map_err(|e: aya::programs::links::LinkError| AttachError::Pin {
+                    path: pin.clone(),
+                    source: Box::new(e),
+                })?;
         fd_link.pin(&pin).map_err(|e| AttachError::Pin {
             path: pin.clone(),
             source: Box::new(e),

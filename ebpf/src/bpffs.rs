@@ -80,7 +80,10 @@ fn mount_bpffs(path: &Path) -> Result<(), BpffsError> {
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
         Some("mode=0700"),
     )
-    .map_err(|source| BpffsError::Mount { path: path.into(), source })
+    .map_err(|source| BpffsError::Mount {
+        path: path.into(),
+        source,
+    })
 }
 
 /// `mkdir -p` with 0700 for what it creates.
@@ -89,7 +92,10 @@ pub fn mkdir_0700(path: &Path) -> Result<(), BpffsError> {
         .recursive(true)
         .mode(0o700)
         .create(path)
-        .map_err(|source| BpffsError::Create { path: path.into(), source })
+        .map_err(|source| BpffsError::Create {
+            path: path.into(),
+            source,
+        })
 }
 
 /// An exclusive lock on the bpf root directory, held while pins are created
@@ -105,11 +111,9 @@ impl RootLock {
                 path: root.into(),
                 source,
             })?;
-            let lock = Flock::lock(dir, FlockArg::LockExclusive).map_err(|(_, source)| {
-                BpffsError::Lock {
-                    path: root.into(),
-                    source,
-                }
+            let lock = Flock::lock(dir, FlockArg::LockExclusive).map_err(|(_, source)| BpffsError::Lock {
+                path: root.into(),
+                source,
             })?;
             // An unload may have removed the directory while we waited.
             let same = match (fs::metadata(root), nix::sys::stat::fstat(lock.as_raw_fd())) {

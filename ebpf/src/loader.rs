@@ -227,9 +227,7 @@ fn read_stamp(pins: &Pins) -> Result<Option<Config>, OpenError> {
     let config: Array<MapData, Config> = match open_map(pins, "mb_config") {
         Ok(c) => c,
         // Another layout's mb_config has another value size.
-        Err(OpenError::Map { source, .. })
-            if matches!(*source, MapError::InvalidValueSize { .. }) =>
-        {
+        Err(OpenError::Map { source, .. }) if matches!(*source, MapError::InvalidValueSize { .. }) => {
             return Err(OpenError::LayoutMismatch {
                 root: pins.root().into(),
                 found: "unknown (mb_config differs)".into(),

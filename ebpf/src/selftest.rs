@@ -111,6 +111,9 @@ pub fn hazards(kernel_flags: u32) -> Vec<(&'static str, &'static str)> {
         .collect()
 }
 
+/// A probe: (client, server) of a fresh connection -> verdict.
+type ProbeFn = fn(&mut TcpStream, &mut TcpStream) -> (Outcome, String);
+
 const PROBE_DEADLINE: Duration = Duration::from_secs(3);
 
 /// Runs the probes: `exe` is a binary whose `selftest-probe` subcommand
@@ -184,7 +187,11 @@ fn run_in(exe: &Path, timeout: Duration, root: &Path, cgroup: &Path) -> Result<R
         status,
         stderr: err.trim().to_owned(),
     })?;
-    let passed = |name: &str| probes.iter().any(|p| p.name == name && p.outcome == Outcome::Pass);
+    let passed = |name: &str| {
+        probes
+            .iter()
+            .any(|p| p.name == name && p.outcome == Outcome::Pass)
+    };
     let safe_all = !probes.is_empty() && probes.iter().all(|p| p.outcome == Outcome::Pass);
     let safe_member = passed("redirect") && passed("blocking-read");
     Ok(Report {
@@ -220,7 +227,7 @@ pub fn probe_main(root: &Path, cgroup: &Path) -> io::Result<Vec<Probe>> {
         mode: Mode::All,
     })
     .map_err(io::Error::other)?;
-    let probes: [(&str, fn(&mut TcpStream, &mut TcpStream) -> (Outcome, String)); 4] = [
+    let probes: [(&str, ProbeFn); 4] = [
         ("redirect", probe_redirect),
         ("splice-reader", probe_splice),
         ("fionread", probe_fionread),
@@ -290,9 +297,7 @@ fn probe_redirect(client: &mut TcpStream, server: &mut TcpStream) -> (Outcome, S
     match (read, written) {
         (Ok(()), Ok(())) if got == expect => (Outcome::Pass, "256 KiB delivered intact".into()),
         (Ok(()), _) => (Outcome::Fail, "bytes differ".into()),
-        (Err(e), _) if e.kind() == io::ErrorKind::WouldBlock => {
-            (Outcome::Hang, "reader timed out".into())
-        }
+        (Err(e), _) if e.kind() == io::ErrorKind::WouldBlock => (Outcome::Hang, "reader timed out".into()),
         (Err(e), _) => (Outcome::Fail, format!("read: {e}")),
     }
 }
@@ -327,7 +332,11 @@ fn probe_splice(client: &mut TcpStream, server: &mut TcpStream) -> (Outcome, Str
             0 => {
                 return (
                     Outcome::Fail,
-                    format!("splice() read EOF after {} of {} bytes (data loss)", got.len(), data.len()),
+                    format!(
+                        "splice() read EOF after {} of {} bytes (data loss)",
+                        got.len(),
+                        data.len()
+                    ),
                 );
             }
             n if n < 0 => {

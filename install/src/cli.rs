@@ -24,12 +24,16 @@ options:
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
-    Load { selftest: bool },
+    Load {
+        selftest: bool,
+    },
     Unload,
     Status,
     Selftest,
     /// Internal: the selftest's child process.
-    SelftestProbe { cgroup: PathBuf },
+    SelftestProbe {
+        cgroup: PathBuf,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -101,7 +105,13 @@ mod tests {
 
     #[test]
     fn rejects_bad_input() {
-        for bad in ["", "frobnicate", "status --bogus", "status --bpf-root", "load --bpf-root rel"] {
+        for bad in [
+            "",
+            "frobnicate",
+            "status --bogus",
+            "status --bpf-root",
+            "load --bpf-root rel",
+        ] {
             assert!(parse(&args(bad)).is_err(), "{bad:?} accepted");
         }
     }

@@ -20,8 +20,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Load { selftest } => load(root, selftest, cli.json),
         Command::Unload => {
-            let report = loader::unload(root)
-                .with_context(|| format!("unloading {}", root.display()))?;
+            let report = loader::unload(root).with_context(|| format!("unloading {}", root.display()))?;
             if cli.json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {
@@ -73,7 +72,8 @@ fn load(root: &Path, run_probe: bool, json_out: bool) -> anyhow::Result<ExitCode
     let mut report = None;
     if run_probe && cfg.kernel_flags & KERNEL_PROBED == 0 {
         let r = run_selftest()?;
-        node.record_verdict(&r).context("recording the selftest verdict")?;
+        node.record_verdict(&r)
+            .context("recording the selftest verdict")?;
         report = Some(r);
     }
     let cfg = node.config().context("reading mb_config")?;
@@ -119,7 +119,8 @@ fn print_selftest(r: &selftest::Report) {
         "verdict: {}",
         match (r.safe_all, r.safe_member) {
             (true, _) => "redirecting into any socket is safe (auto = all)",
-            (false, true) => "hazards found (auto = proxy-only: app sockets send redirected, only proxies receive)",
+            (false, true) =>
+                "hazards found (auto = proxy-only: app sockets send redirected, only proxies receive)",
             (false, false) => "hazards found (auto = proxy-only: sidecar-to-sidecar legs only)",
         }
     );
@@ -130,8 +131,10 @@ fn status(root: &Path, json_out: bool) -> anyhow::Result<ExitCode> {
     let node = match Node::open(root) {
         Ok(node) => node,
         Err(OpenError::NotLoaded { .. }) => {
-            let zero: serde_json::Map<String, serde_json::Value> =
-                Counter::ALL.iter().map(|c| (c.name().to_owned(), json!(0))).collect();
+            let zero: serde_json::Map<String, serde_json::Value> = Counter::ALL
+                .iter()
+                .map(|c| (c.name().to_owned(), json!(0)))
+                .collect();
             if json_out {
                 println!(
                     "{}",
@@ -180,7 +183,10 @@ fn status(root: &Path, json_out: bool) -> anyhow::Result<ExitCode> {
             })
         );
     } else {
-        println!("loaded at {} (layout {LAYOUT_VERSION}), kernel {kernel}", root.display());
+        println!(
+            "loaded at {} (layout {LAYOUT_VERSION}), kernel {kernel}",
+            root.display()
+        );
         let probed = if cfg.kernel_flags & KERNEL_PROBED != 0 {
             "selftest recorded"
         } else {
@@ -188,9 +194,17 @@ fn status(root: &Path, json_out: bool) -> anyhow::Result<ExitCode> {
         };
         println!("acceleration auto = {} ({probed})", auto_mode(cfg.kernel_flags));
         for h in &hazards {
-            println!("hazard: {} — {}", h["probe"].as_str().unwrap_or(""), h["effect"].as_str().unwrap_or(""));
+            println!(
+                "hazard: {} — {}",
+                h["probe"].as_str().unwrap_or(""),
+                h["effect"].as_str().unwrap_or("")
+            );
         }
-        println!("pods {}  links {}  sockets tx {tx} rx {rx}  pairs {pairs}  waiting {endpoints}", pods.len(), links.len());
+        println!(
+            "pods {}  links {}  sockets tx {tx} rx {rx}  pairs {pairs}  waiting {endpoints}",
+            pods.len(),
+            links.len()
+        );
         for (name, value) in &counters.0 {
             println!("  {name:<20} {value}");
         }

@@ -63,7 +63,10 @@ fn sh_quiet(args: &[&str]) {
 pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !cond() {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         thread::sleep(Duration::from_millis(20));
     }
 }
@@ -207,7 +210,8 @@ impl BpfRoot {
     /// Attaches the bypass to `cgroup` and registers the pod in `ns`.
     pub fn add_pod(&self, ns: &Netns, cgroup: &Cgroup, ips: &[&str], mode: Mode) -> u64 {
         let node = self.node.lock().unwrap();
-        node.attach_cgroup(&cgroup.path, &ns.name).expect("attach to the pod cgroup");
+        node.attach_cgroup(&cgroup.path, &ns.name)
+            .expect("attach to the pod cgroup");
         drop(node);
         self.register(ns, ips, mode)
     }
@@ -338,7 +342,9 @@ impl Peer {
                     }
                     return (status.success(), last);
                 }
-                None if Instant::now() > deadline => panic!("mb-peer {} still running after {timeout:?}", self.role),
+                None if Instant::now() > deadline => {
+                    panic!("mb-peer {} still running after {timeout:?}", self.role)
+                }
                 None => thread::sleep(Duration::from_millis(20)),
             }
         }
@@ -364,8 +370,17 @@ pub fn run_client(place: &Place<'_>, connect: &str, sizes: &[usize]) -> serde_js
 }
 
 /// [`run_client`] with extra mb-peer flags.
-pub fn run_client_with(place: &Place<'_>, connect: &str, sizes: &[usize], extra: &[&str]) -> serde_json::Value {
-    let sizes = sizes.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
+pub fn run_client_with(
+    place: &Place<'_>,
+    connect: &str,
+    sizes: &[usize],
+    extra: &[&str],
+) -> serde_json::Value {
+    let sizes = sizes
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
     let mut args = vec!["--connect", connect, "--sizes", &sizes];
     args.extend_from_slice(extra);
     let peer = Peer::spawn(place, "client", &args);

@@ -15,11 +15,15 @@ fn addr(s: &str) -> Addr {
 
 /// Waits until every pairing entry and socket of the test is gone.
 fn assert_drained(root: &BpfRoot) {
-    wait_for("pairing maps and socket maps to empty", Duration::from_secs(10), || {
-        let node = root.node.lock().unwrap();
-        let (tx, rx) = node.socket_keys();
-        node.pairs().is_empty() && node.endpoints().is_empty() && tx.is_empty() && rx.is_empty()
-    });
+    wait_for(
+        "pairing maps and socket maps to empty",
+        Duration::from_secs(10),
+        || {
+            let node = root.node.lock().unwrap();
+            let (tx, rx) = node.socket_keys();
+            node.pairs().is_empty() && node.endpoints().is_empty() && tx.is_empty() && rx.is_empty()
+        },
+    );
 }
 
 #[test]
@@ -31,10 +35,26 @@ fn plain_connection_is_redirected_and_intact_ipv4_and_v4_mapped() {
     root.add_pod(&pods.a, &cg_a, &[A_V4, A_V6], Mode::All);
     root.add_pod(&pods.b, &cg_b, &[B_V4, B_V6], Mode::All);
     // A dual-stack listener: the accepted sockets see v4-mapped addresses.
-    let server = Peer::spawn(&Place { ns: &pods.b, cgroup: &cg_b, uid: None }, "echo", &["--listen", "[::]:0"]);
+    let server = Peer::spawn(
+        &Place {
+            ns: &pods.b,
+            cgroup: &cg_b,
+            uid: None,
+        },
+        "echo",
+        &["--listen", "[::]:0"],
+    );
     let port = server.ready();
     let before = root.counters();
-    let v = run_client(&Place { ns: &pods.a, cgroup: &cg_a, uid: None }, &format!("{B_V4}:{port}"), SIZES);
+    let v = run_client(
+        &Place {
+            ns: &pods.a,
+            cgroup: &cg_a,
+            uid: None,
+        },
+        &format!("{B_V4}:{port}"),
+        SIZES,
+    );
     let after = root.counters();
     let total: usize = SIZES.iter().sum();
     assert_eq!(v["bytes"], total);
@@ -43,7 +63,10 @@ fn plain_connection_is_redirected_and_intact_ipv4_and_v4_mapped() {
     eprintln!("plain v4: {total} bytes each way, {redirected} redirected, {pairs} pairs, {after:?}");
     assert_eq!(pairs, SIZES.len() as u64, "one plain pair per connection");
     // The echo direction never races the pairing: all of it is redirected.
-    assert!(redirected >= total as u64, "only {redirected} of {total} bytes redirected");
+    assert!(
+        redirected >= total as u64,
+        "only {redirected} of {total} bytes redirected"
+    );
     assert!(after.get(Counter::RedirectedMsgs) > before.get(Counter::RedirectedMsgs));
     assert_drained(&root);
 }
@@ -56,10 +79,26 @@ fn plain_connection_is_redirected_and_intact_ipv6() {
     let (cg_a, cg_b) = (Cgroup::new("ca"), Cgroup::new("cb"));
     root.add_pod(&pods.a, &cg_a, &[A_V4, A_V6], Mode::All);
     root.add_pod(&pods.b, &cg_b, &[B_V4, B_V6], Mode::All);
-    let server = Peer::spawn(&Place { ns: &pods.b, cgroup: &cg_b, uid: None }, "echo", &["--listen", &format!("[{B_V6}]:0")]);
+    let server = Peer::spawn(
+        &Place {
+            ns: &pods.b,
+            cgroup: &cg_b,
+            uid: None,
+        },
+        "echo",
+        &["--listen", &format!("[{B_V6}]:0")],
+    );
     let port = server.ready();
     let sizes = [1, 1000, 65_536, 300_000];
-    run_client(&Place { ns: &pods.a, cgroup: &cg_a, uid: None }, &format!("[{B_V6}]:{port}"), &sizes);
+    run_client(
+        &Place {
+            ns: &pods.a,
+            cgroup: &cg_a,
+            uid: None,
+        },
+        &format!("[{B_V6}]:{port}"),
+        &sizes,
+    );
     let c = root.counters();
     eprintln!("plain v6: {c:?}");
     assert_eq!(c.get(Counter::PairsPlain), sizes.len() as u64);
@@ -79,9 +118,25 @@ fn unregistered_pods_are_left_alone() {
         node.attach_cgroup(&cg_a.path, &pods.a.name).unwrap();
         node.attach_cgroup(&cg_b.path, &pods.b.name).unwrap();
     }
-    let server = Peer::spawn(&Place { ns: &pods.b, cgroup: &cg_b, uid: None }, "echo", &["--listen", "0.0.0.0:0"]);
+    let server = Peer::spawn(
+        &Place {
+            ns: &pods.b,
+            cgroup: &cg_b,
+            uid: None,
+        },
+        "echo",
+        &["--listen", "0.0.0.0:0"],
+    );
     let port = server.ready();
-    run_client(&Place { ns: &pods.a, cgroup: &cg_a, uid: None }, &format!("{B_V4}:{port}"), &[10, 100_000]);
+    run_client(
+        &Place {
+            ns: &pods.a,
+            cgroup: &cg_a,
+            uid: None,
+        },
+        &format!("{B_V4}:{port}"),
+        &[10, 100_000],
+    );
     let c = root.counters();
     assert_eq!(c.get(Counter::SocketsTracked), 0, "{c:?}");
     assert_eq!(c.get(Counter::RedirectedMsgs), 0, "{c:?}");
@@ -92,17 +147,23 @@ fn unregistered_pods_are_left_alone() {
 /// connects to the server pod, whose PREROUTING REDIRECT sends it to that
 /// pod's proxy on 15006, which connects to the app on 127.0.0.1:8080.
 struct Mesh {
-    pods: PodPair,
-    root: BpfRoot,
+    // Fields drop in order: processes first, then their cgroups and netns.
+    _peers: Vec<Peer>,
     cg_a: Cgroup,
     cg_b: Cgroup,
-    _peers: Vec<Peer>,
+    root: BpfRoot,
+    pods: PodPair,
 }
 
 impl Mesh {
     /// `blocking_apps`: the app peers are classic blocking programs, for
     /// which EAGAIN is an error (they must stay out of the maps).
-    fn new(mode: Mode, splice_server: bool, blocking_apps: bool, before_traffic: impl FnOnce(&BpfRoot)) -> Self {
+    fn new(
+        mode: Mode,
+        splice_server: bool,
+        blocking_apps: bool,
+        before_traffic: impl FnOnce(&BpfRoot),
+    ) -> Self {
         let pods = PodPair::new();
         let root = BpfRoot::load();
         before_traffic(&root);
@@ -110,15 +171,50 @@ impl Mesh {
         root.add_pod(&pods.a, &cg_a, &[A_V4], mode);
         root.add_pod(&pods.b, &cg_b, &[B_V4], mode);
         pods.a.exec(&[
-            "iptables", "-w", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", B_V4, "--dport", "8080", "-m", "owner",
-            "!", "--uid-owner", "1337", "-j", "REDIRECT", "--to-ports", "15001",
+            "iptables",
+            "-w",
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "-d",
+            B_V4,
+            "--dport",
+            "8080",
+            "-m",
+            "owner",
+            "!",
+            "--uid-owner",
+            "1337",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            "15001",
         ]);
         pods.b.exec(&[
-            "iptables", "-w", "-t", "nat", "-A", "PREROUTING", "-p", "tcp", "--dport", "8080", "-j", "REDIRECT",
-            "--to-ports", "15006",
+            "iptables",
+            "-w",
+            "-t",
+            "nat",
+            "-A",
+            "PREROUTING",
+            "-p",
+            "tcp",
+            "--dport",
+            "8080",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            "15006",
         ]);
         let mut peers = Vec::new();
-        let app_b = Place { ns: &pods.b, cgroup: &cg_b, uid: None };
+        let app_b = Place {
+            ns: &pods.b,
+            cgroup: &cg_b,
+            uid: None,
+        };
         let mut echo_args = vec!["--listen", "0.0.0.0:8080"];
         if splice_server {
             echo_args.push("--splice");
@@ -130,20 +226,42 @@ impl Mesh {
         server.ready();
         peers.push(server);
         let proxy_b = Peer::spawn(
-            &Place { ns: &pods.b, cgroup: &cg_b, uid: Some(1337) },
+            &Place {
+                ns: &pods.b,
+                cgroup: &cg_b,
+                uid: Some(1337),
+            },
             "proxy",
             &["--listen", "0.0.0.0:15006", "--to", "127.0.0.1:8080"],
         );
         proxy_b.ready();
         peers.push(proxy_b);
-        let proxy_a = Peer::spawn(&Place { ns: &pods.a, cgroup: &cg_a, uid: Some(1337) }, "proxy", &["--listen", "0.0.0.0:15001"]);
+        let proxy_a = Peer::spawn(
+            &Place {
+                ns: &pods.a,
+                cgroup: &cg_a,
+                uid: Some(1337),
+            },
+            "proxy",
+            &["--listen", "0.0.0.0:15001"],
+        );
         proxy_a.ready();
         peers.push(proxy_a);
-        Self { pods, root, cg_a, cg_b, _peers: peers }
+        Self {
+            _peers: peers,
+            cg_a,
+            cg_b,
+            root,
+            pods,
+        }
     }
 
     fn client_place(&self) -> Place<'_> {
-        Place { ns: &self.pods.a, cgroup: &self.cg_a, uid: None }
+        Place {
+            ns: &self.pods.a,
+            cgroup: &self.cg_a,
+            uid: None,
+        }
     }
 }
 
@@ -160,8 +278,10 @@ fn nat_pairs_form_across_iptables_redirect() {
     assert_eq!(c.get(Counter::PairsNat), 2 * sizes.len() as u64, "{c:?}");
     assert_eq!(c.get(Counter::PairsPlain), sizes.len() as u64, "{c:?}");
     assert_eq!(c.get(Counter::PairsRefused), 0, "{c:?}");
-    assert!(c.get(Counter::RedirectedBytes) >= 3 * sizes.iter().sum::<usize>() as u64, "{c:?}");
-    let _ = &mesh.cg_b;
+    assert!(
+        c.get(Counter::RedirectedBytes) >= 3 * sizes.iter().sum::<usize>() as u64,
+        "{c:?}"
+    );
     assert_drained(&mesh.root);
 }
 
@@ -173,21 +293,39 @@ fn sticky_passthrough_never_switches_a_direction() {
     let (cg_a, cg_b) = (Cgroup::new("ca"), Cgroup::new("cb"));
     let cookie_a = root.add_pod(&pods.a, &cg_a, &[A_V4], Mode::All);
     root.add_pod(&pods.b, &cg_b, &[B_V4], Mode::All);
-    let server = Peer::spawn(&Place { ns: &pods.b, cgroup: &cg_b, uid: None }, "echo", &["--listen", "0.0.0.0:0"]);
+    let server = Peer::spawn(
+        &Place {
+            ns: &pods.b,
+            cgroup: &cg_b,
+            uid: None,
+        },
+        "echo",
+        &["--listen", "0.0.0.0:0"],
+    );
     let sport = server.ready();
     let mut client = Peer::spawn(
-        &Place { ns: &pods.a, cgroup: &cg_a, uid: None },
+        &Place {
+            ns: &pods.a,
+            cgroup: &cg_a,
+            uid: None,
+        },
         "interactive",
         &["--connect", &format!("{B_V4}:{sport}")],
     );
     let reply = client.ask("connect");
-    let cport: u16 = reply.strip_prefix("connected ").and_then(|p| p.parse().ok()).expect(&reply);
+    let cport: u16 = reply
+        .strip_prefix("connected ")
+        .and_then(|p| p.parse().ok())
+        .expect(&reply);
     // Find the client's pair entry and take it away: its first send then
     // finds no peer and must go through the stack...
     let mut key = None;
     wait_for("the client's pair entry", Duration::from_secs(5), || {
         key = root.node.lock().unwrap().pairs().into_iter().find(|(k, _)| {
-            k.netns == cookie_a && k.local_port == cport && k.remote_port == sport && k.remote_ip == addr(B_V4)
+            k.netns == cookie_a
+                && k.local_port == cport
+                && k.remote_port == sport
+                && k.remote_ip == addr(B_V4)
         });
         key.is_some()
     });
@@ -196,10 +334,16 @@ fn sticky_passthrough_never_switches_a_direction() {
     let c0 = root.counters();
     assert_eq!(client.ask("send 1000"), "ok 1000");
     let c1 = root.counters();
-    let d = |a: &meshbypass_ebpf::counters::Counters, b: &meshbypass_ebpf::counters::Counters, c| b.get(c) - a.get(c);
+    let d = |a: &meshbypass_ebpf::counters::Counters, b: &meshbypass_ebpf::counters::Counters, c| {
+        b.get(c) - a.get(c)
+    };
     assert_eq!(d(&c0, &c1, Counter::Sticky), 1, "{c1:?}");
     assert_eq!(d(&c0, &c1, Counter::PassthroughBytes), 1000, "{c1:?}");
-    assert_eq!(d(&c0, &c1, Counter::RedirectedBytes), 1000, "the echo stays redirected: {c1:?}");
+    assert_eq!(
+        d(&c0, &c1, Counter::RedirectedBytes),
+        1000,
+        "the echo stays redirected: {c1:?}"
+    );
     // ...and stay there even once a peer is known again: no reordering.
     root.node.lock().unwrap().set_pair(&key, &pair).unwrap();
     assert_eq!(client.ask("send 100000"), "ok 100000");
@@ -216,10 +360,16 @@ fn proxy_only_never_redirects_into_an_app_socket() {
     require_root();
     let mesh = Mesh::new(Mode::ProxyOnly, false, true, |_| {});
     let (cookie_a, cookie_b) = (mesh.pods.a.cookie(), mesh.pods.b.cookie());
-    let mut client =
-        Peer::spawn(&mesh.client_place(), "interactive", &["--connect", &format!("{B_V4}:8080"), "--blocking"]);
+    let mut client = Peer::spawn(
+        &mesh.client_place(),
+        "interactive",
+        &["--connect", &format!("{B_V4}:8080"), "--blocking"],
+    );
     let reply = client.ask("connect");
-    let cport: u16 = reply.strip_prefix("connected ").and_then(|p| p.parse().ok()).expect(&reply);
+    let cport: u16 = reply
+        .strip_prefix("connected ")
+        .and_then(|p| p.parse().ok())
+        .expect(&reply);
     assert_eq!(client.ask("send 200000"), "ok 200000");
     {
         let node = mesh.root.node.lock().unwrap();
@@ -231,7 +381,10 @@ fn proxy_only_never_redirects_into_an_app_socket() {
         // Without a SAFE_MEMBER verdict app sockets join no map at all: on
         // kernels where a blocking read() on a member can fail with EAGAIN.
         assert!(!tx.iter().any(is_app), "an app socket is in mb_tx: {tx:?}");
-        assert!(!rx.iter().any(is_app), "an app socket is a redirect target: {rx:?}");
+        assert!(
+            !rx.iter().any(is_app),
+            "an app socket is a redirect target: {rx:?}"
+        );
         assert_eq!(rx.len(), 4, "the four proxy sockets are the only targets: {rx:?}");
         assert_eq!(tx.len(), 4, "{tx:?}");
     }
@@ -249,12 +402,18 @@ fn splice_reader_behind_its_sidecar_never_hangs_under_auto() {
     require_root();
     let mesh = Mesh::new(Mode::Auto, true, true, |root| {
         // auto follows this kernel's own verdict.
-        let report = selftest::run(&sibling_bin("meshbypass-node"), Duration::from_secs(30)).expect("selftest");
+        let report =
+            selftest::run(&sibling_bin("meshbypass-node"), Duration::from_secs(30)).expect("selftest");
         eprintln!("selftest: {report:?}");
         root.node.lock().unwrap().record_verdict(&report).unwrap();
     });
     let sizes = [1, 65_536, 1 << 20];
-    run_client_with(&mesh.client_place(), &format!("{B_V4}:8080"), &sizes, &["--blocking"]);
+    run_client_with(
+        &mesh.client_place(),
+        &format!("{B_V4}:8080"),
+        &sizes,
+        &["--blocking"],
+    );
     let c = mesh.root.counters();
     eprintln!("mesh auto + splice reader: {c:?}");
     assert!(c.get(Counter::RedirectedBytes) > 0, "{c:?}");
@@ -269,10 +428,22 @@ fn unregister_removes_every_entry_of_the_pod() {
     let (cg_a, cg_b) = (Cgroup::new("ca"), Cgroup::new("cb"));
     let cookie_a = root.add_pod(&pods.a, &cg_a, &[A_V4, A_V6], Mode::All);
     root.add_pod(&pods.b, &cg_b, &[B_V4], Mode::All);
-    let server = Peer::spawn(&Place { ns: &pods.b, cgroup: &cg_b, uid: None }, "echo", &["--listen", "0.0.0.0:0"]);
+    let server = Peer::spawn(
+        &Place {
+            ns: &pods.b,
+            cgroup: &cg_b,
+            uid: None,
+        },
+        "echo",
+        &["--listen", "0.0.0.0:0"],
+    );
     let port = server.ready();
     let mut client = Peer::spawn(
-        &Place { ns: &pods.a, cgroup: &cg_a, uid: None },
+        &Place {
+            ns: &pods.a,
+            cgroup: &cg_a,
+            uid: None,
+        },
         "interactive",
         &["--connect", &format!("{B_V4}:{port}")],
     );
@@ -281,7 +452,11 @@ fn unregister_removes_every_entry_of_the_pod() {
     let mut node = root.node.lock().unwrap();
     assert_eq!(node.pairs().len(), 2);
     let removed = node.unregister_pod(cookie_a).unwrap();
-    assert_eq!((removed.netns, removed.ips, removed.pairs), (1, 2, 2), "{removed:?}");
+    assert_eq!(
+        (removed.netns, removed.ips, removed.pairs),
+        (1, 2, 2),
+        "{removed:?}"
+    );
     assert!(node.pod_by_netns(cookie_a).is_none());
     // Twice is fine (DEL is idempotent).
     assert_eq!(node.unregister_pod(cookie_a).unwrap(), Default::default());

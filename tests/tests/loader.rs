@@ -49,13 +49,25 @@ fn eight_concurrent_loads_create_once() {
     let mut outcomes = Vec::new();
     for c in children {
         let out = c.wait_with_output().unwrap();
-        assert!(out.status.success(), "load failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "load failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         outcomes.push(v["outcome"].as_str().unwrap().to_owned());
     }
     outcomes.sort();
-    assert_eq!(outcomes.iter().filter(|o| *o == "created").count(), 1, "{outcomes:?}");
-    assert_eq!(outcomes.iter().filter(|o| *o == "reused").count(), 7, "{outcomes:?}");
+    assert_eq!(
+        outcomes.iter().filter(|o| *o == "created").count(),
+        1,
+        "{outcomes:?}"
+    );
+    assert_eq!(
+        outcomes.iter().filter(|o| *o == "reused").count(),
+        7,
+        "{outcomes:?}"
+    );
     // A further load changes nothing: same program, same maps.
     let id = prog_id(&root.0);
     let out = node_cmd(&["load", "--no-selftest", "--json"], &root.0);
@@ -70,7 +82,11 @@ fn a_layout_version_mismatch_is_a_clear_error() {
     let root = new_root();
     assert!(node_cmd(&["load", "--no-selftest"], &root.0).status.success());
     // Stamp another layout version (99) into mb_config.
-    let value: Vec<String> = [99u32, 0, 0, 0].iter().flat_map(|v| v.to_le_bytes()).map(|b| b.to_string()).collect();
+    let value: Vec<String> = [99u32, 0, 0, 0]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .map(|b| b.to_string())
+        .collect();
     let mut args = vec!["bpftool", "map", "update", "pinned"];
     let pin = format!("{}/mb_config", root.0);
     args.push(&pin);
@@ -81,7 +97,10 @@ fn a_layout_version_mismatch_is_a_clear_error() {
         let out = node_cmd(cmd, &root.0);
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{cmd:?} accepted a foreign layout");
-        assert!(err.contains("layout version 99") && err.contains("unload"), "{cmd:?}: {err}");
+        assert!(
+            err.contains("layout version 99") && err.contains("unload"),
+            "{cmd:?}: {err}"
+        );
     }
     // unload still cleans it up.
     assert!(node_cmd(&["unload"], &root.0).status.success());
@@ -105,7 +124,10 @@ fn unload_leaves_no_pin_and_detaches_links() {
     assert!(out.status.success());
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["links"], 1);
-    assert!(!std::path::Path::new(&root.0).exists(), "the bpf root is left behind");
+    assert!(
+        !std::path::Path::new(&root.0).exists(),
+        "the bpf root is left behind"
+    );
     let attached = sh(&["bpftool", "cgroup", "show", cg.path.to_str().unwrap()]);
     assert!(!attached.contains("mb_sockops"), "still attached: {attached}");
     // status on an unloaded root says so.
@@ -131,9 +153,25 @@ fn status_json_shows_counters_rising_under_traffic() {
     assert_eq!(s0["loaded"], true);
     assert_eq!(s0["pods"], 2);
     assert_eq!(s0["counters"]["redirected_msgs"], 0);
-    let server = Peer::spawn(&Place { ns: &pods.b, cgroup: &cg_b, uid: None }, "echo", &["--listen", "0.0.0.0:0"]);
+    let server = Peer::spawn(
+        &Place {
+            ns: &pods.b,
+            cgroup: &cg_b,
+            uid: None,
+        },
+        "echo",
+        &["--listen", "0.0.0.0:0"],
+    );
     let port = server.ready();
-    run_client(&Place { ns: &pods.a, cgroup: &cg_a, uid: None }, &format!("{B_V4}:{port}"), &[50_000; 4]);
+    run_client(
+        &Place {
+            ns: &pods.a,
+            cgroup: &cg_a,
+            uid: None,
+        },
+        &format!("{B_V4}:{port}"),
+        &[50_000; 4],
+    );
     let s1 = status();
     for k in ["redirected_msgs", "redirected_bytes"] {
         assert!(s1["counters"][k].as_u64().unwrap() > 0, "{k}: {s1}");

@@ -37,9 +37,12 @@ fn strict() -> bool {
 /// Waits until `s` is readable (or writable) within the I/O deadline.
 fn wait(s: &TcpStream, flags: nix::poll::PollFlags) -> io::Result<()> {
     let mut fds = [nix::poll::PollFd::new(std::os::fd::AsFd::as_fd(s), flags)];
-    let ms = IO_DEADLINE.as_millis() as u16;
-    match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(ms.min(u16::MAX))) {
-        Ok(0) => Err(io::Error::new(io::ErrorKind::TimedOut, "no progress within the deadline")),
+    let ms = u16::try_from(IO_DEADLINE.as_millis()).unwrap_or(u16::MAX);
+    match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(ms)) {
+        Ok(0) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "no progress within the deadline",
+        )),
         Ok(_) => Ok(()),
         Err(e) => Err(e.into()),
     }
@@ -50,7 +53,11 @@ fn read_some(s: &mut TcpStream, buf: &mut [u8]) -> io::Result<usize> {
     let deadline = std::time::Instant::now() + IO_DEADLINE;
     loop {
         match s.read(buf) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock && !strict() && std::time::Instant::now() < deadline => {
+            Err(e)
+                if e.kind() == io::ErrorKind::WouldBlock
+                    && !strict()
+                    && std::time::Instant::now() < deadline =>
+            {
                 wait(s, nix::poll::PollFlags::POLLIN)?
             }
             r => return r,
@@ -75,7 +82,11 @@ fn write_all(s: &mut TcpStream, mut buf: &[u8]) -> io::Result<()> {
         match s.write(buf) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => buf = &buf[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock && !strict() && std::time::Instant::now() < deadline => {
+            Err(e)
+                if e.kind() == io::ErrorKind::WouldBlock
+                    && !strict()
+                    && std::time::Instant::now() < deadline =>
+            {
                 wait(s, nix::poll::PollFlags::POLLOUT)?
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -119,12 +130,7 @@ fn parse() -> anyhow::Result<Args> {
             "--listen" => a.listen = Some(val()?.parse()?),
             "--connect" => a.connect = Some(val()?.parse()?),
             "--to" => a.to = Some(val()?.parse()?),
-            "--sizes" => {
-                a.sizes = val()?
-                    .split(',')
-                    .map(str::parse)
-                    .collect::<Result<_, _>>()?
-            }
+            "--sizes" => a.sizes = val()?.split(',').map(str::parse).collect::<Result<_, _>>()?,
             "--splice" => a.splice = true,
             "--blocking" => STRICT.store(true, std::sync::atomic::Ordering::Relaxed),
             "--cgroup" => a.cgroup = Some(val()?.into()),
@@ -240,7 +246,13 @@ fn original_dst(s: &TcpStream) -> io::Result<SocketAddr> {
     let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
     // SAFETY: sa/len describe a sockaddr_in buffer.
     let rc = unsafe {
-        libc::getsockopt(s.as_raw_fd(), libc::SOL_IP, 80, (&mut sa as *mut libc::sockaddr_in).cast(), &mut len)
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_IP,
+            80,
+            (&mut sa as *mut libc::sockaddr_in).cast(),
+            &mut len,
+        )
     };
     if rc != 0 {
         return Err(io::Error::last_os_error());
@@ -288,7 +300,9 @@ fn splice_both(a: TcpStream, b: TcpStream) -> io::Result<()> {
     let t = thread::spawn(move || copy_half(&mut a_r, &mut b_w));
     let (mut b_r, mut a_w) = (b, a);
     let r = copy_half(&mut b_r, &mut a_w);
-    let t = t.join().unwrap_or_else(|_| Err(io::Error::other("copy thread panicked")));
+    let t = t
+        .join()
+        .unwrap_or_else(|_| Err(io::Error::other("copy thread panicked")));
     r.and(t)
 }
 
@@ -354,7 +368,11 @@ fn one_exchange(addr: SocketAddr, size: usize, seed: u64, conn: u64) -> anyhow::
         }
         expect.fill(&mut want[..n]);
         if buf[..n] != want[..n] {
-            let at = buf[..n].iter().zip(&want[..n]).position(|(a, b)| a != b).unwrap_or(0);
+            let at = buf[..n]
+                .iter()
+                .zip(&want[..n])
+                .position(|(a, b)| a != b)
+                .unwrap_or(0);
             bail!("echo differs at byte {} of {size}", got + at);
         }
         got += n;

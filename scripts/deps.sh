@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs what meshbypass needs to build and test on Debian/Ubuntu (root).
+set -euo pipefail
+
+packages=(
+  clang llvm libbpf-dev linux-libc-dev   # kernel programs (clang -target bpf)
+  bpftool iproute2 iptables              # tests: pins, netns, veth, REDIRECT rules
+  containernetworking-plugins            # the reference CNI plugins (bridge, host-local)
+  ca-certificates
+)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "installing: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+if ! command -v cargo >/dev/null; then
+  echo "cargo not found: install a Rust toolchain (rustup, stable >= 1.88)" >&2
+  exit 1
+fi
+# The bpf filesystem (the loader mounts it too; tests pin under it).
+if ! mountpoint -q /sys/fs/bpf; then
+  mount -t bpf bpf /sys/fs/bpf
+fi

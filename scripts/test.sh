@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The whole test suite, as root: installs its dependencies, builds, checks
+# formatting and lints, then runs every test (unit and privileged).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [[ $(id -u) != 0 ]]; then
+  echo "run as root: the privileged tests make netns, cgroups and bpf pins" >&2
+  exit 1
+fi
+scripts/deps.sh
+
+cargo build --workspace --locked
+if cargo fmt --version >/dev/null 2>&1; then
+  cargo fmt --all --check
+fi
+if cargo clippy --version >/dev/null 2>&1; then
+  cargo clippy --workspace --all-targets --locked -- -D warnings
+fi
+cargo test --workspace --locked

@@ -21,6 +21,8 @@ use crate::version;
 pub const PLUGIN_TYPE: &str = "meshbypass";
 pub const DEFAULT_BPF_ROOT: &str = "/sys/fs/bpf/meshbypass";
 pub const DEFAULT_CGROUP_ROOT: &str = "/sys/fs/cgroup";
+/// Where ADD records what DEL and GC undo (tmpfs: cleared with the pins at reboot).
+pub const DEFAULT_STATE_DIR: &str = "/run/meshbypass";
 pub const DEFAULT_EXCLUDE_NAMESPACES: [&str; 1] = ["kube-system"];
 
 /// Which sidecar mesh the pods run; selects the profile defaults and the rule semantics.
@@ -197,6 +199,8 @@ pub struct Config {
     pub valid_attachments: Option<Vec<ValidAttachment>>,
     pub bpf_root: PathBuf,
     pub cgroup_root: PathBuf,
+    /// Where ADD records what DEL and GC must undo (one file per container).
+    pub state_dir: PathBuf,
     pub redirect: RedirectSpec,
     pub acceleration: Acceleration,
     pub kubernetes: Kubernetes,
@@ -211,8 +215,14 @@ impl Config {
 
     /// Parses the request configuration from stdin's bytes.
     pub fn parse(json: &[u8]) -> Result<Config, ConfigError> {
-        let deserializer = &mut serde_json::Deserializer::from_slice(json);
-        let raw: RawConf = serde_path_to_error::deserialize(deserializer).map_err(ConfigError::from_serde)?;
+        // Syntax first (code 6), then shape: anything but an object is no
+        // configuration at all (6), then fields (7).
+        let value: serde_json::Value =
+            serde_json::from_slice(json).map_err(|source| ConfigError::Decode { source })?;
+        if !value.is_object() {
+            return Err(ConfigError::NotObject);
+        }
+        let raw: RawConf = serde_path_to_error::deserialize(value).map_err(ConfigError::from_serde)?;
         raw.resolve()
     }
 }
@@ -224,6 +234,8 @@ pub enum ConfigError {
         #[source]
         source: serde_json::Error,
     },
+    #[error("the network configuration on stdin is not a JSON object")]
+    NotObject,
     #[error("unknown key `{key}` in the network configuration; remove it or correct its spelling")]
     UnknownKey {
         key: String,
@@ -272,7 +284,7 @@ impl ConfigError {
     }
 
     pub fn is_decode(&self) -> bool {
-        matches!(self, ConfigError::Decode { .. })
+        matches!(self, ConfigError::Decode { .. } | ConfigError::NotObject)
     }
 }
 
@@ -306,6 +318,8 @@ struct RawConf {
     bpf_root: Option<PathBuf>,
     #[serde(default)]
     cgroup_root: Option<PathBuf>,
+    #[serde(default)]
+    state_dir: Option<PathBuf>,
     #[serde(default)]
     mesh: Mesh,
     #[serde(default)]
@@ -373,6 +387,7 @@ impl RawConf {
         }
         let bpf_root = absolute("bpfRoot", self.bpf_root, DEFAULT_BPF_ROOT)?;
         let cgroup_root = absolute("cgroupRoot", self.cgroup_root, DEFAULT_CGROUP_ROOT)?;
+        let state_dir = absolute("stateDir", self.state_dir, DEFAULT_STATE_DIR)?;
         let log_file = self
             .log_file
             .map(|path| absolute("logFile", Some(path), ""))
@@ -389,6 +404,7 @@ impl RawConf {
             valid_attachments: self.valid_attachments.or(self.attachments),
             bpf_root,
             cgroup_root,
+            state_dir,
             redirect,
             acceleration: self.acceleration,
             kubernetes: Kubernetes {

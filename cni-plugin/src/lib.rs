@@ -1,11 +1,19 @@
-//! The pure, unprivileged parts of the `meshbypass` chained CNI plugin: the CNI environment and
-//! error protocol, the typed configuration, the iptables redirect rules, cgroup discovery.
+//! The `meshbypass` chained CNI plugin: the CNI protocol (env, config,
+//! errors), the pod's iptables redirect, pod cgroup discovery, and the
+//! per-pod bypass through the ebpf library.
 
+pub mod bypass;
 pub mod cgroup;
 pub mod cidr;
+pub mod cmd;
 pub mod config;
 pub mod env;
 pub mod error;
 pub mod ids;
 pub mod iptables;
+pub mod logging;
+pub mod policy;
+pub mod prev;
+pub mod redirect;
+pub mod state;
 pub mod version;

@@ -16,6 +16,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod cni;
+
 use meshbypass_ebpf::{Counter, Mode, Node, PodEntry, counters::Counters};
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -268,7 +270,7 @@ pub struct Peer {
 /// Where a peer runs.
 pub struct Place<'a> {
     pub ns: &'a Netns,
-    pub cgroup: &'a Cgroup,
+    pub cgroup: &'a Path,
     pub uid: Option<u32>,
 }
 
@@ -277,13 +279,18 @@ impl Peer {
         let mut cmd = Command::new(sibling_bin("mb-peer"));
         cmd.arg(role)
             .arg("--cgroup")
-            .arg(&place.cgroup.path)
+            .arg(place.cgroup)
             .arg("--netns")
             .arg(place.ns.path())
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            // Programs run through `exec` (servers, sidecars) log per request.
+            .stderr(if role == "exec" {
+                Stdio::null()
+            } else {
+                Stdio::inherit()
+            });
         if let Some(uid) = place.uid {
             cmd.arg("--uid").arg(uid.to_string());
         }
@@ -389,4 +396,58 @@ pub fn run_client_with(
         serde_json::from_str(&last).unwrap_or_else(|_| panic!("client printed {last:?}"));
     assert!(ok && v["ok"] == true, "client failed: {v}");
     v
+}
+
+/// A pod cgroup in kubelet's layout under the cgroup2 mount, created with
+/// whichever parents were missing; removed (with those parents, when empty)
+/// on drop.
+pub struct KubeCgroup {
+    pub path: PathBuf,
+    created: Vec<PathBuf>,
+}
+
+impl KubeCgroup {
+    /// `rel` is relative to the cgroup2 mount, e.g.
+    /// `kubepods/besteffort/pod<uid>`.
+    pub fn new(rel: &str) -> Self {
+        let root = meshbypass_ebpf::cgroup2::mount_point().expect("no cgroup2 mount on this host");
+        let path = root.join(rel);
+        let mut created = Vec::new();
+        let mut cur = root.clone();
+        for part in Path::new(rel).components() {
+            cur = cur.join(part);
+            if !cur.exists() {
+                std::fs::create_dir(&cur).unwrap_or_else(|e| panic!("mkdir {}: {e}", cur.display()));
+                created.push(cur.clone());
+            }
+        }
+        Self { path, created }
+    }
+
+    pub fn place<'a>(&'a self, ns: &'a Netns, uid: Option<u32>) -> Place<'a> {
+        Place {
+            ns,
+            cgroup: &self.path,
+            uid,
+        }
+    }
+}
+
+impl Drop for KubeCgroup {
+    fn drop(&mut self) {
+        for dir in self.created.iter().rev() {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                match std::fs::remove_dir(dir) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                    Err(e) if Instant::now() > deadline => {
+                        eprintln!("cleanup {}: {e}", dir.display());
+                        break;
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        }
+    }
 }

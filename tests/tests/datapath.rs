@@ -38,7 +38,7 @@ fn plain_connection_is_redirected_and_intact_ipv4_and_v4_mapped() {
     let server = Peer::spawn(
         &Place {
             ns: &pods.b,
-            cgroup: &cg_b,
+            cgroup: &cg_b.path,
             uid: None,
         },
         "echo",
@@ -49,7 +49,7 @@ fn plain_connection_is_redirected_and_intact_ipv4_and_v4_mapped() {
     let v = run_client(
         &Place {
             ns: &pods.a,
-            cgroup: &cg_a,
+            cgroup: &cg_a.path,
             uid: None,
         },
         &format!("{B_V4}:{port}"),
@@ -82,7 +82,7 @@ fn plain_connection_is_redirected_and_intact_ipv6() {
     let server = Peer::spawn(
         &Place {
             ns: &pods.b,
-            cgroup: &cg_b,
+            cgroup: &cg_b.path,
             uid: None,
         },
         "echo",
@@ -93,7 +93,7 @@ fn plain_connection_is_redirected_and_intact_ipv6() {
     run_client(
         &Place {
             ns: &pods.a,
-            cgroup: &cg_a,
+            cgroup: &cg_a.path,
             uid: None,
         },
         &format!("[{B_V6}]:{port}"),
@@ -121,7 +121,7 @@ fn unregistered_pods_are_left_alone() {
     let server = Peer::spawn(
         &Place {
             ns: &pods.b,
-            cgroup: &cg_b,
+            cgroup: &cg_b.path,
             uid: None,
         },
         "echo",
@@ -131,7 +131,7 @@ fn unregistered_pods_are_left_alone() {
     run_client(
         &Place {
             ns: &pods.a,
-            cgroup: &cg_a,
+            cgroup: &cg_a.path,
             uid: None,
         },
         &format!("{B_V4}:{port}"),
@@ -150,7 +150,7 @@ struct Mesh {
     // Fields drop in order: processes first, then their cgroups and netns.
     _peers: Vec<Peer>,
     cg_a: Cgroup,
-    cg_b: Cgroup,
+    _cg_b: Cgroup,
     root: BpfRoot,
     pods: PodPair,
 }
@@ -212,7 +212,7 @@ impl Mesh {
         let mut peers = Vec::new();
         let app_b = Place {
             ns: &pods.b,
-            cgroup: &cg_b,
+            cgroup: &cg_b.path,
             uid: None,
         };
         let mut echo_args = vec!["--listen", "0.0.0.0:8080"];
@@ -228,7 +228,7 @@ impl Mesh {
         let proxy_b = Peer::spawn(
             &Place {
                 ns: &pods.b,
-                cgroup: &cg_b,
+                cgroup: &cg_b.path,
                 uid: Some(1337),
             },
             "proxy",
@@ -239,7 +239,7 @@ impl Mesh {
         let proxy_a = Peer::spawn(
             &Place {
                 ns: &pods.a,
-                cgroup: &cg_a,
+                cgroup: &cg_a.path,
                 uid: Some(1337),
             },
             "proxy",
@@ -250,7 +250,7 @@ impl Mesh {
         Self {
             _peers: peers,
             cg_a,
-            cg_b,
+            _cg_b: cg_b,
             root,
             pods,
         }
@@ -259,7 +259,7 @@ impl Mesh {
     fn client_place(&self) -> Place<'_> {
         Place {
             ns: &self.pods.a,
-            cgroup: &self.cg_a,
+            cgroup: &self.cg_a.path,
             uid: None,
         }
     }
@@ -296,7 +296,7 @@ fn sticky_passthrough_never_switches_a_direction() {
     let server = Peer::spawn(
         &Place {
             ns: &pods.b,
-            cgroup: &cg_b,
+            cgroup: &cg_b.path,
             uid: None,
         },
         "echo",
@@ -306,7 +306,7 @@ fn sticky_passthrough_never_switches_a_direction() {
     let mut client = Peer::spawn(
         &Place {
             ns: &pods.a,
-            cgroup: &cg_a,
+            cgroup: &cg_a.path,
             uid: None,
         },
         "interactive",
@@ -431,7 +431,7 @@ fn unregister_removes_every_entry_of_the_pod() {
     let server = Peer::spawn(
         &Place {
             ns: &pods.b,
-            cgroup: &cg_b,
+            cgroup: &cg_b.path,
             uid: None,
         },
         "echo",
@@ -441,7 +441,7 @@ fn unregister_removes_every_entry_of_the_pod() {
     let mut client = Peer::spawn(
         &Place {
             ns: &pods.a,
-            cgroup: &cg_a,
+            cgroup: &cg_a.path,
             uid: None,
         },
         "interactive",

@@ -156,7 +156,7 @@ fn status_json_shows_counters_rising_under_traffic() {
     let server = Peer::spawn(
         &Place {
             ns: &pods.b,
-            cgroup: &cg_b,
+            cgroup: &cg_b.path,
             uid: None,
         },
         "echo",
@@ -166,7 +166,7 @@ fn status_json_shows_counters_rising_under_traffic() {
     run_client(
         &Place {
             ns: &pods.a,
-            cgroup: &cg_a,
+            cgroup: &cg_a.path,
             uid: None,
         },
         &format!("{B_V4}:{port}"),

@@ -6,6 +6,7 @@
 //!   proxy  --listen ADDR [--to ADDR]         forward (SO_ORIGINAL_DST without --to)
 //!   client --connect ADDR --sizes N,N,...    one connection per size, echo checked
 //!   interactive --connect ADDR               stdin: connect | send N | close | quit
+//!   exec -- PROGRAM ARGS...                  run a program in that place (a sidecar, curl)
 //!
 //! common: --cgroup DIR --netns PATH --uid N --blocking
 //! Every connection has read deadlines: nothing here can hang a test.
@@ -107,6 +108,7 @@ struct Args {
     netns: Option<PathBuf>,
     uid: Option<u32>,
     seed: u64,
+    exec: Vec<String>,
 }
 
 fn parse() -> anyhow::Result<Args> {
@@ -123,6 +125,7 @@ fn parse() -> anyhow::Result<Args> {
         netns: None,
         uid: None,
         seed: 1,
+        exec: Vec::new(),
     };
     while let Some(flag) = it.next() {
         let mut val = || it.next().with_context(|| format!("{flag} needs a value"));
@@ -137,6 +140,10 @@ fn parse() -> anyhow::Result<Args> {
             "--netns" => a.netns = Some(val()?.into()),
             "--uid" => a.uid = Some(val()?.parse()?),
             "--seed" => a.seed = val()?.parse()?,
+            "--" => {
+                a.exec = it.by_ref().collect();
+                break;
+            }
             other => bail!("unknown flag {other}"),
         }
     }
@@ -168,6 +175,11 @@ fn main() -> anyhow::Result<()> {
         "proxy" => proxy(a.listen.context("--listen")?, a.to),
         "client" => client(a.connect.context("--connect")?, &a.sizes, a.seed),
         "interactive" => interactive(a.connect.context("--connect")?, a.seed),
+        "exec" => {
+            use std::os::unix::process::CommandExt;
+            let (prog, args) = a.exec.split_first().context("exec needs -- PROGRAM")?;
+            Err(std::process::Command::new(prog).args(args).exec()).context("exec")
+        }
         other => bail!("unknown role {other}"),
     }
 }

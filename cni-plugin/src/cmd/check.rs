@@ -1,0 +1,96 @@
+//! CHECK: the pod's rules, link and map entries are all there and match.
+
+use meshbypass_ebpf::Node;
+
+use crate::{
+    config::Config,
+    env::Env,
+    error::CniError,
+    policy::{self, Decision},
+    prev, redirect,
+    state::StateDir,
+};
+
+fn missing(what: String) -> CniError {
+    CniError::Internal {
+        action: "checking the pod",
+        source: what.into(),
+    }
+}
+
+pub fn run(env: &Env, config: &Config) -> Result<(), CniError> {
+    let att = env.attachment.as_ref().ok_or(CniError::InvalidConfig {
+        problem: "CHECK without an attachment",
+        fix: "set CNI_CONTAINERID, CNI_NETNS and CNI_IFNAME",
+    })?;
+    let prev_result = config.prev_result.as_ref().ok_or(CniError::InvalidConfig {
+        problem: "prevResult is missing",
+        fix: "CHECK needs the result of ADD as prevResult",
+    })?;
+    if let Decision::Skip { .. } = policy::for_config(config)?.decide(&att.args)? {
+        return Ok(());
+    }
+    let netns = att
+        .netns
+        .as_deref()
+        .filter(|p| p.exists())
+        .ok_or_else(|| CniError::Netns {
+            netns: att.netns.clone().unwrap_or_default(),
+            source: "the pod's network namespace does not exist".into(),
+        })?;
+    for family in redirect::families(&prev::ips(prev_result)) {
+        let installed = redirect::installed(netns, family)?;
+        if !installed.is_complete() {
+            return Err(CniError::Iptables {
+                action: "find",
+                family,
+                source: format!(
+                    "the redirect chains or jumps are missing (found chains {:?}, jumps {}); delete and \
+                     re-create the pod",
+                    installed.chains,
+                    installed.jumps.len()
+                )
+                .into(),
+            });
+        }
+    }
+    let state = StateDir::new(&config.state_dir)
+        .load(&att.container_id)
+        .map_err(|e| CniError::Internal {
+            action: "reading the pod's record",
+            source: Box::new(e),
+        })?
+        .ok_or_else(|| missing(format!("no record of ADD for {}", att.container_id.as_str())))?;
+    let Some(cookie) = state.netns_cookie else {
+        return Ok(()); // ADD skipped acceleration; the redirect is all there is.
+    };
+    let node = Node::open(&config.bpf_root).map_err(|e| CniError::Bpf {
+        action: "open the node's maps",
+        source: Box::new(e),
+    })?;
+    if !node.links().iter().any(|l| l == att.container_id.as_str()) {
+        return Err(missing(format!(
+            "the bypass link {} is missing",
+            node.pins().link(att.container_id.as_str()).display()
+        )));
+    }
+    let pod = node
+        .pod_by_netns(cookie)
+        .ok_or_else(|| missing(format!("the pod (netns cookie {cookie}) is not registered")))?;
+    let want_ips = {
+        let mut v = state.ips.clone();
+        v.sort();
+        v
+    };
+    if pod.ips != want_ips
+        || pod.outbound_port != config.redirect.outbound_port
+        || pod.inbound_port != config.redirect.inbound_port
+        || pod.proxy_uid != Some(config.redirect.proxy_uid)
+        || Some(pod.mode) != state.mode.as_deref()
+    {
+        return Err(missing(format!(
+            "the registered pod differs from the configuration: {pod:?}"
+        )));
+    }
+    Ok(())
+}

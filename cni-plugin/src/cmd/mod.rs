@@ -1,0 +1,108 @@
+//! One module per CNI command; `run` reads the request and dispatches.
+
+mod add;
+mod check;
+mod del;
+mod gc;
+mod status;
+
+use std::path::Path;
+
+use log::{error, info};
+
+use crate::{
+    config::Config,
+    env::{Command, Env, EnvSource},
+    error::CniError,
+    logging, version,
+};
+
+/// What the binary prints on stdout, and its exit code.
+pub struct Reply {
+    pub stdout: String,
+    pub code: i32,
+}
+
+/// Runs one CNI request: `stdin` is the network configuration.
+pub fn run(source: &impl EnvSource, stdin: &[u8]) -> Reply {
+    let requested = requested_version(stdin);
+    match dispatch(source, stdin) {
+        Ok(stdout) => Reply { stdout, code: 0 },
+        Err(e) => {
+            error!("{e}");
+            Reply {
+                stdout: e.reply(&requested).to_json(),
+                code: 1,
+            }
+        }
+    }
+}
+
+/// The request's cniVersion for error replies, when it is one we speak.
+fn requested_version(stdin: &[u8]) -> String {
+    serde_json::from_slice::<serde_json::Value>(stdin)
+        .ok()
+        .and_then(|v| v.get("cniVersion")?.as_str().map(str::to_owned))
+        .filter(|v| version::is_supported(v))
+        .unwrap_or_else(|| version::NEWEST.to_owned())
+}
+
+fn dispatch(source: &impl EnvSource, stdin: &[u8]) -> Result<String, CniError> {
+    let env = Env::read(source)?;
+    if env.command == Command::Version {
+        return Ok(version_reply(stdin));
+    }
+    let config = Config::parse(stdin)?;
+    let tag = match &env.attachment {
+        Some(a) => format!("{} {}", env.command.as_str(), a.container_id.as_str()),
+        None => env.command.as_str().to_owned(),
+    };
+    logging::init(config.log_level.filter(), config.log_file.as_deref(), &tag);
+    info!("request");
+    match env.command {
+        Command::Add => add::run(&env, &config),
+        Command::Del => del::run(&env, &config).map(|()| String::new()),
+        Command::Check => check::run(&env, &config).map(|()| String::new()),
+        Command::Status => status::run(&config).map(|()| String::new()),
+        Command::Gc => gc::run(&config).map(|()| String::new()),
+        Command::Version => unreachable!("handled above"),
+    }
+}
+
+/// VERSION: the versions we speak, in the requested version when we speak it.
+fn version_reply(stdin: &[u8]) -> String {
+    serde_json::json!({
+        "cniVersion": requested_version(stdin),
+        "supportedVersions": version::SUPPORTED_VERSIONS,
+    })
+    .to_string()
+}
+
+/// A netns path that no longer exists is a pod already gone.
+fn exists(netns: Option<&Path>) -> Option<&Path> {
+    netns.filter(|p| p.exists())
+}
+
+/// stdin larger than the limit (4 MiB).
+pub fn too_large() -> Reply {
+    let e = CniError::InvalidConfig {
+        problem: "the network configuration on stdin is larger than 4 MiB",
+        fix: "pass the plugin's own configuration, not a whole file tree",
+    };
+    Reply {
+        stdout: e.reply(version::NEWEST).to_json(),
+        code: 1,
+    }
+}
+
+/// stdin could not be read.
+pub fn unreadable(err: std::io::Error) -> Reply {
+    let e = CniError::Internal {
+        action: "reading stdin",
+        source: Box::new(err),
+    };
+    Reply {
+        stdout: e.reply(version::NEWEST).to_json(),
+        code: 1,
+    }
+}

@@ -6,6 +6,7 @@ packages=(
   clang llvm libbpf-dev linux-libc-dev   # kernel programs (clang -target bpf)
   bpftool iproute2 iptables              # tests: pins, netns, veth, REDIRECT rules
   containernetworking-plugins            # the reference CNI plugins (bridge, host-local)
+  haproxy nginx-light wrk curl python3   # sidecars, app, load (tests, demo, benchmark)
   ca-certificates
 )
 missing=()

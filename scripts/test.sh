@@ -18,3 +18,4 @@ if cargo clippy --version >/dev/null 2>&1; then
   cargo clippy --workspace --all-targets --locked -- -D warnings
 fi
 cargo test --workspace --locked
+scripts/lint-manifests.sh

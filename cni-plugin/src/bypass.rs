@@ -10,7 +10,7 @@ use std::{
 };
 
 use log::warn;
-use meshbypass_ebpf::{Mode, Node, PodEntry, loader::OpenError, netns};
+use meshbypass_ebpf::{Mode, Node, PodEntry, loader::OpenError};
 
 use crate::{
     cgroup,
@@ -47,7 +47,7 @@ fn skipped(reason: String) -> Outcome {
 }
 
 /// Attaches and registers; never fails the ADD.
-pub fn attach(config: &Config, att: &Attachment, ips: &[IpAddr], netns_path: &Path) -> Outcome {
+pub fn attach(config: &Config, att: &Attachment, ips: &[IpAddr], cookie: u64) -> Outcome {
     let mode = mode(config.acceleration);
     if mode == Mode::Off {
         return Outcome::Skipped {
@@ -65,12 +65,16 @@ pub fn attach(config: &Config, att: &Attachment, ips: &[IpAddr], netns_path: &Pa
         Ok(c) => c.path,
         Err(e) => return skipped(format!("{e}")),
     };
-    let cookie = match netns::cookie_of(netns_path) {
-        Ok(c) => c,
-        Err(e) => return skipped(format!("{e}")),
+    // Opening existing pins needs no lock; only the first pod on a node
+    // goes through the shared loader.
+    let opened = match Node::open(&config.bpf_root) {
+        Err(OpenError::NotLoaded { .. }) => meshbypass_ebpf::load(&config.bpf_root)
+            .map(|(node, _)| node)
+            .map_err(|e| e.to_string()),
+        other => other.map_err(|e| e.to_string()),
     };
-    let mut node = match meshbypass_ebpf::load(&config.bpf_root) {
-        Ok((node, _)) => node,
+    let mut node = match opened {
+        Ok(node) => node,
         Err(e) => return skipped(format!("the node's maps cannot be loaded: {e}")),
     };
     let id = att.container_id.as_str();

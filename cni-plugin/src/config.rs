@@ -10,12 +10,14 @@
 
 use std::fmt;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::de::{self, IgnoredAny, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 
 use crate::cidr::Cidr;
 use crate::ids::{ContainerId, IfName};
+use crate::kubeconfig::KubeconfigError;
 use crate::version;
 
 pub const PLUGIN_TYPE: &str = "meshbypass";
@@ -24,6 +26,10 @@ pub const DEFAULT_CGROUP_ROOT: &str = "/sys/fs/cgroup";
 /// Where ADD records what DEL and GC undo (tmpfs: cleared with the pins at reboot).
 pub const DEFAULT_STATE_DIR: &str = "/run/meshbypass";
 pub const DEFAULT_EXCLUDE_NAMESPACES: [&str; 1] = ["kube-system"];
+/// `kubernetes.timeoutSeconds`: how long one ADD may spend on the API server, retries included.
+pub const DEFAULT_KUBERNETES_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest `kubernetes.timeoutSeconds` accepted: the runtime's own CNI deadline is minutes.
+pub const MAX_KUBERNETES_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Which sidecar mesh the pods run; selects the profile defaults and the rule semantics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize)]
@@ -178,6 +184,9 @@ pub struct Kubernetes {
     /// `exclude_namespaces` is meshed.
     pub kubeconfig: Option<PathBuf>,
     pub exclude_namespaces: Vec<String>,
+    /// The whole budget of one ADD for the API (every attempt and pause); when it runs out the
+    /// ADD fails with "try again later", never without the pod's redirect.
+    pub timeout: Duration,
 }
 
 /// One entry of GC's `cni.dev/valid-attachments`.
@@ -262,6 +271,17 @@ pub enum ConfigError {
     ReservedInboundPort { port: u16, mesh: Mesh },
     #[error("{key} must be an absolute path, not {}", path.display())]
     RelativePath { key: &'static str, path: PathBuf },
+    #[error(
+        "kubernetes.timeoutSeconds is {value}; use a number of seconds above 0 and at most {}",
+        MAX_KUBERNETES_TIMEOUT.as_secs()
+    )]
+    KubernetesTimeout { value: f64 },
+    #[error("cannot use the kubeconfig {} (kubernetes.kubeconfig)", path.display())]
+    Kubeconfig {
+        path: PathBuf,
+        #[source]
+        source: KubeconfigError,
+    },
 }
 
 impl ConfigError {
@@ -355,6 +375,7 @@ struct RawRedirect {
 struct RawKubernetes {
     kubeconfig: Option<PathBuf>,
     exclude_namespaces: Option<Vec<String>>,
+    timeout_seconds: Option<f64>,
 }
 
 impl RawConf {
@@ -397,6 +418,13 @@ impl RawConf {
             .kubeconfig
             .map(|path| absolute("kubernetes.kubeconfig", Some(path), ""))
             .transpose()?;
+        let timeout = match self.kubernetes.timeout_seconds {
+            None => DEFAULT_KUBERNETES_TIMEOUT,
+            Some(value) => Duration::try_from_secs_f64(value)
+                .ok()
+                .filter(|t| !t.is_zero() && *t <= MAX_KUBERNETES_TIMEOUT)
+                .ok_or(ConfigError::KubernetesTimeout { value })?,
+        };
         Ok(Config {
             cni_version: self.cni_version,
             name: self.name,
@@ -415,6 +443,7 @@ impl RawConf {
                         .map(|ns| (*ns).to_owned())
                         .collect()
                 }),
+                timeout,
             },
             log_level: self.log_level,
             log_file,
@@ -581,6 +610,7 @@ mod tests {
             Kubernetes {
                 kubeconfig: None,
                 exclude_namespaces: vec!["kube-system".to_owned()],
+                timeout: Duration::from_secs(10),
             }
         );
         assert_eq!(
@@ -709,6 +739,19 @@ mod tests {
         let prev = config.prev_result.expect("prevResult kept");
         assert_eq!(prev["ips"][0]["address"], "10.244.1.7/24");
         assert_eq!(prev["dns"], serde_json::json!({}));
+    }
+
+    #[test]
+    fn kubernetes_timeout_is_bounded() {
+        let config = parse(&with(r#","kubernetes":{"timeoutSeconds":2.5}"#));
+        assert_eq!(config.kubernetes.timeout, Duration::from_millis(2500));
+        for bad in ["0", "-1", "121", "1e300"] {
+            let err = parse_err(&with(&format!(r#","kubernetes":{{"timeoutSeconds":{bad}}}"#)));
+            assert!(
+                matches!(err, ConfigError::KubernetesTimeout { .. }),
+                "{bad}: unexpected {err:?}"
+            );
+        }
     }
 
     #[test]

@@ -62,13 +62,27 @@ fn ipt_err(action: &'static str, family: Family, e: io::Error) -> CniError {
     }
 }
 
-/// Installs (or replaces) the redirect for each family.
-pub fn apply(netns_path: &Path, spec: &RedirectSpec, families: &[Family]) -> Result<(), CniError> {
+/// Installs (or replaces) the redirect for each family. `fresh`: the netns
+/// cannot hold rules of ours yet (first ADD of this sandbox), so the rules go
+/// in with one `iptables-restore` and no `iptables-save` first (the save
+/// costs a process and 3-4 ms on every pod start).
+///
+/// Returns the netns cookie, read on the way (the bypass keys the pod by it).
+pub fn apply(
+    netns_path: &Path,
+    spec: &RedirectSpec,
+    families: &[Family],
+    fresh: bool,
+) -> Result<u64, CniError> {
     netns::in_netns(netns_path, || {
         for &family in families {
-            let saved =
-                run(family.save_program(), &["-t", "nat"], None).map_err(|e| ipt_err("read", family, e))?;
-            let rules = iptables::reapply(&saved, spec, family);
+            let rules = if fresh {
+                iptables::ruleset(spec, family)
+            } else {
+                let saved = run(family.save_program(), &["-t", "nat"], None)
+                    .map_err(|e| ipt_err("read", family, e))?;
+                iptables::reapply(&saved, spec, family)
+            };
             run(family.restore_program(), &["--noflush", "--wait"], Some(&rules))
                 .map_err(|e| ipt_err("write", family, e))?;
             if family == Family::V6 && spec.mesh == Mesh::Istio {
@@ -77,7 +91,7 @@ pub fn apply(netns_path: &Path, spec: &RedirectSpec, families: &[Family]) -> Res
                     .map_err(|e| ipt_err("add ::6 on lo for", family, e))?;
             }
         }
-        Ok(())
+        netns::current_cookie().map_err(|e| netns_err(netns_path, e))
     })
     .map_err(|e| netns_err(netns_path, e))?
 }

@@ -16,12 +16,19 @@
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
+static __always_inline struct mb_counters *counters(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&mb_counters, &zero);
+}
+
 static __always_inline void count(__u32 idx, __u64 n)
 {
-	__u64 *v = bpf_map_lookup_elem(&mb_counters, &idx);
+	struct mb_counters *c = counters();
 
-	if (v)
-		*v += n;
+	if (c && idx < MB_CTR_MAX)
+		c->v[idx] += n;
 }
 
 static __always_inline int is_loopback(const __u32 a[4])
@@ -127,12 +134,12 @@ static __always_inline void on_connect(struct bpf_sock_ops *skops)
 }
 
 /* Write both directions of a pair, each only when allowed. */
-static __always_inline void write_pair(const struct mb_sock_key *from, __u32 from_tx_ok,
-				       const struct mb_sock_key *to, __u32 to_rx_ok, __u32 flags)
+static __always_inline void write_pair(const struct mb_sock_key *from, __u32 allowed,
+				       const struct mb_sock_key *to, __u32 flags)
 {
 	struct mb_pair p = {};
 
-	if (!from_tx_ok || !to_rx_ok)
+	if (!allowed)
 		return;
 	p.peer = *to;
 	p.flags = flags;
@@ -140,6 +147,33 @@ static __always_inline void write_pair(const struct mb_sock_key *from, __u32 fro
 		count(MB_CTR_MAP_FULL, 1);
 }
 
+/* Membership: rx first, then tx (a socket may sit in both; rx carries no
+ * program). Returns 0 when a map is full. */
+static __always_inline int join_maps(struct bpf_sock_ops *skops, struct mb_sk_state *st, __u32 rx, __u32 tx)
+{
+	if (rx) {
+		if (bpf_sock_hash_update(skops, &mb_rx, &st->self, BPF_ANY)) {
+			count(MB_CTR_MAP_FULL, 1);
+			return 0;
+		}
+		st->flags |= MB_SK_IN_RX;
+	}
+	if (tx && bpf_sock_hash_update(skops, &mb_tx, &st->self, BPF_ANY)) {
+		count(MB_CTR_MAP_FULL, 1);
+		if (rx)
+			bpf_map_delete_elem(&mb_rx, &st->self);
+		return 0;
+	}
+	return 1;
+}
+
+/*
+ * A socket of a registered pod has established. It is the first end of its
+ * connection to show up, and then waits in mb_endpoints (in the maps its
+ * class allows), or the second, and then the pair is known: each end joins
+ * exactly the maps its directions need (a socket in a map pays tcp_bpf's
+ * costs even when nothing is redirected), and the pair entries are written.
+ */
 static __always_inline void on_established(struct bpf_sock_ops *skops, int active)
 {
 	__u64 netns = bpf_get_netns_cookie(skops);
@@ -150,10 +184,9 @@ static __always_inline void on_established(struct bpf_sock_ops *skops, int activ
 	struct mb_sk_state *st;
 	struct mb_pod *pod;
 	struct mb_pod *remote_pod;
-	__u32 can_rx = 0, can_tx = 0, is_proxy = 0, on_redirect_port = 0;
+	__u32 can_rx, can_tx, is_proxy = 0, on_redirect_port = 0, remote_local, apps_tracked;
 	__u32 kflags;
 	__u8 mode;
-	long err;
 
 	if (!sk)
 		return;
@@ -176,24 +209,10 @@ static __always_inline void on_established(struct bpf_sock_ops *skops, int activ
 	if (!sock_key(skops, netns, &st->self))
 		return;
 
-	/* Where the other end lives: the endpoint key names the active side. */
-	if (active) {
-		ek.netns = netns;
-		__builtin_memcpy(ek.ip, st->self.local_ip, sizeof(ek.ip));
-		ek.port = st->self.local_port;
-		ev.flags = MB_EP_ACTIVE;
-	} else {
-		if (is_loopback(st->self.remote_ip)) {
-			ek.netns = netns;
-		} else {
-			remote_pod = bpf_map_lookup_elem(&mb_pods, st->self.remote_ip);
-			if (!remote_pod)
-				return; /* off-node or unregistered peer: nothing to pair with */
-			ek.netns = remote_pod->netns;
-		}
-		__builtin_memcpy(ek.ip, st->self.remote_ip, sizeof(ek.ip));
-		ek.port = st->self.remote_port;
-	}
+	/* Where the remote end lives: this pod (loopback, its own IPs),
+	 * another registered pod, or somewhere we know nothing of. */
+	remote_pod = bpf_map_lookup_elem(&mb_pods, st->self.remote_ip);
+	remote_local = is_loopback(st->self.remote_ip) || (remote_pod && remote_pod->netns == netns);
 
 	/* Classify: proxy sockets are the proxy UID's active ones and the
 	 * accepted ones on the pod's redirect ports. */
@@ -210,52 +229,59 @@ static __always_inline void on_established(struct bpf_sock_ops *skops, int activ
 			on_redirect_port = 1;
 		}
 	}
-	can_rx = mode == MB_MODE_ALL || (mode == MB_MODE_PROXY_ONLY && is_proxy);
-	/* proxy-only: an app socket may only send redirected, and only where
-	 * being a map member is harmless on this kernel. */
+	/* App sockets join the maps in `all`, and as senders in proxy-only
+	 * where being a member is harmless on this kernel. */
+	apps_tracked = mode == MB_MODE_ALL || (kflags & MB_KERNEL_SAFE_MEMBER);
+	can_rx = mode == MB_MODE_ALL || is_proxy;
 	can_tx = mode == MB_MODE_ALL || is_proxy || (kflags & MB_KERNEL_SAFE_MEMBER);
-	if (!can_rx && !can_tx)
+
+	/* Sockets that cannot have a tracked peer stay out entirely. */
+	if (!is_proxy && !apps_tracked)
 		return;
+	if (!remote_local && !remote_pod && (!active || is_proxy))
+		return; /* off-node or unregistered peer (proxies are not redirected) */
+	if (is_proxy && remote_local && !apps_tracked)
+		return; /* its peer is a local app, which stays out */
+
 	/* Bytes already on the stack (TCP Fast Open): keep those directions there. */
 	if (active && skops->data_segs_out > 0)
 		st->flags |= MB_SK_STICKY;
 	if (!active && skops->data_segs_in > 0)
 		can_rx = 0;
 
-	/* rx first, then tx: a socket may sit in both, rx carries no program. */
-	if (can_rx) {
-		if (bpf_sock_hash_update(skops, &mb_rx, &st->self, BPF_ANY)) {
-			count(MB_CTR_MAP_FULL, 1);
-			return;
-		}
-		st->flags |= MB_SK_IN_RX;
+	/* The endpoint key names the active side's local endpoint in its netns. */
+	if (active) {
+		ek.netns = netns;
+		__builtin_memcpy(ek.ip, st->self.local_ip, sizeof(ek.ip));
+		ek.port = st->self.local_port;
+		ev.flags = MB_EP_ACTIVE;
+	} else {
+		ek.netns = remote_pod && !is_loopback(st->self.remote_ip) ? remote_pod->netns : netns;
+		__builtin_memcpy(ek.ip, st->self.remote_ip, sizeof(ek.ip));
+		ek.port = st->self.remote_port;
 	}
-	if (can_tx && bpf_sock_hash_update(skops, &mb_tx, &st->self, BPF_ANY)) {
-		count(MB_CTR_MAP_FULL, 1);
-		return;
-	}
-	st->flags |= MB_SK_TRACKED | (is_proxy ? MB_SK_PROXY : 0);
-	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
-	count(MB_CTR_SOCKETS_TRACKED, 1);
-
 	ev.key = st->self;
-	ev.flags |= (can_rx ? MB_EP_CAN_RX : 0) | (can_tx ? MB_EP_CAN_TX : 0) | (on_redirect_port ? MB_EP_REDIRECT_PORT : 0) |
-		    (is_proxy ? MB_EP_PROXY : 0);
-	err = bpf_map_update_elem(&mb_endpoints, &ek, &ev, BPF_NOEXIST);
-	if (err == 0) {
-		st->ep = ek;
-		st->flags |= MB_SK_EP_OWNER;
-		return;
-	}
+	ev.flags |= (can_rx ? MB_EP_CAN_RX : 0) | (can_tx ? MB_EP_CAN_TX : 0) |
+		    (on_redirect_port ? MB_EP_REDIRECT_PORT : 0) | (is_proxy ? MB_EP_PROXY : 0);
+
 	other = bpf_map_lookup_elem(&mb_endpoints, &ek);
 	if (!other) {
-		/* Consumed in between: wait for the other end ourselves. */
-		if (bpf_map_update_elem(&mb_endpoints, &ek, &ev, BPF_NOEXIST) == 0) {
-			st->ep = ek;
-			st->flags |= MB_SK_EP_OWNER;
-		} else {
-			count(MB_CTR_MAP_FULL, 1);
+		/* First end: wait, in the maps our own class allows. */
+		if (!join_maps(skops, st, can_rx, can_tx))
+			return;
+		if (bpf_map_update_elem(&mb_endpoints, &ek, &ev, BPF_NOEXIST)) {
+			/* The other end raced us in; it will find no entry and
+			 * wait itself. Nobody pairs: stay on the stack. */
+			bpf_map_delete_elem(&mb_tx, &st->self);
+			bpf_map_delete_elem(&mb_rx, &st->self);
+			st->flags &= ~MB_SK_IN_RX;
+			count(MB_CTR_PAIRS_REFUSED, 1);
+			return;
 		}
+		st->ep = ek;
+		st->flags |= MB_SK_TRACKED | MB_SK_EP_OWNER | (is_proxy ? MB_SK_PROXY : 0);
+		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+		count(MB_CTR_SOCKETS_TRACKED, 1);
 		return;
 	}
 	if (other->flags & MB_EP_AMBIGUOUS) {
@@ -271,21 +297,25 @@ static __always_inline void on_established(struct bpf_sock_ops *skops, int activ
 	}
 
 	{
-		struct mb_sock_key a, p;
-		__u32 a_rx, p_rx, a_tx, p_tx, p_redirect, pair_flags, plain;
+		struct mb_sock_key a, p, first;
+		__u32 a_rx, a_tx, p_rx, p_tx, p_redirect, pair_flags, plain;
+		__u32 self_tx, self_rx, first_tx, first_rx;
+		__u32 first_can_rx = other->flags & MB_EP_CAN_RX;
+		__u32 first_can_tx = other->flags & MB_EP_CAN_TX;
 
+		first = other->key;
 		if (active) {
 			a = st->self;
 			a_rx = can_rx;
 			a_tx = can_tx;
-			p = other->key;
-			p_rx = other->flags & MB_EP_CAN_RX;
-			p_tx = other->flags & MB_EP_CAN_TX;
+			p = first;
+			p_rx = first_can_rx;
+			p_tx = first_can_tx;
 			p_redirect = other->flags & MB_EP_REDIRECT_PORT;
 		} else {
-			a = other->key;
-			a_rx = other->flags & MB_EP_CAN_RX;
-			a_tx = other->flags & MB_EP_CAN_TX;
+			a = first;
+			a_rx = first_can_rx;
+			a_tx = first_can_tx;
 			p = st->self;
 			p_rx = can_rx;
 			p_tx = can_tx;
@@ -297,10 +327,26 @@ static __always_inline void on_established(struct bpf_sock_ops *skops, int activ
 			count(MB_CTR_PAIRS_REFUSED, 1);
 			return;
 		}
+		/* What each end needs now that both are known. */
+		self_tx = can_tx && first_can_rx;
+		self_rx = can_rx && first_can_tx;
+		first_tx = first_can_tx && can_rx;
+		first_rx = first_can_rx && can_tx;
 		bpf_map_delete_elem(&mb_endpoints, &ek);
+		if (!first_tx)
+			bpf_map_delete_elem(&mb_tx, &first);
+		if (!first_rx)
+			bpf_map_delete_elem(&mb_rx, &first);
+		if (!self_tx && !self_rx)
+			return; /* nothing to redirect either way: the pair stays on the stack */
+		if (!join_maps(skops, st, self_rx, self_tx))
+			return;
+		st->flags |= MB_SK_TRACKED | (is_proxy ? MB_SK_PROXY : 0);
+		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+		count(MB_CTR_SOCKETS_TRACKED, 1);
 		pair_flags = plain ? 0 : MB_PAIR_NAT;
-		write_pair(&a, a_tx, &p, p_rx, pair_flags);
-		write_pair(&p, p_tx, &a, a_rx, pair_flags);
+		write_pair(&a, a_tx && p_rx, &p, pair_flags);
+		write_pair(&p, p_tx && a_rx, &a, pair_flags);
 		count(plain ? MB_CTR_PAIRS_PLAIN : MB_CTR_PAIRS_NAT, 1);
 	}
 }
@@ -351,12 +397,18 @@ int mb_sockops(struct bpf_sock_ops *skops)
 
 static __always_inline int pass(struct mb_sk_state *st, __u32 size)
 {
+	struct mb_counters *c = counters();
+	__u32 newly_sticky = 0;
+
 	if (st && !(st->flags & MB_SK_STICKY)) {
 		st->flags |= MB_SK_STICKY;
-		count(MB_CTR_STICKY, 1);
+		newly_sticky = 1;
 	}
-	count(MB_CTR_PASSTHROUGH_MSGS, 1);
-	count(MB_CTR_PASSTHROUGH_BYTES, size);
+	if (!c)
+		return SK_PASS;
+	c->v[MB_CTR_STICKY] += newly_sticky;
+	c->v[MB_CTR_PASSTHROUGH_MSGS] += 1;
+	c->v[MB_CTR_PASSTHROUGH_BYTES] += size;
 	return SK_PASS;
 }
 
@@ -396,7 +448,13 @@ int mb_sk_msg(struct sk_msg_md *msg)
 	st->peer = pair->peer;
 	st->flags |= MB_SK_PEER_KNOWN;
 redirected:
-	count(MB_CTR_REDIRECTED_MSGS, 1);
-	count(MB_CTR_REDIRECTED_BYTES, size);
+	{
+		struct mb_counters *c = counters();
+
+		if (c) {
+			c->v[MB_CTR_REDIRECTED_MSGS] += 1;
+			c->v[MB_CTR_REDIRECTED_BYTES] += size;
+		}
+	}
 	return SK_PASS;
 }

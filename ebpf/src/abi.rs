@@ -8,7 +8,7 @@ use std::{
 };
 
 /// `MB_LAYOUT_VERSION`: stamped into `mb_config` once every pin exists.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// `MB_KERNEL_PROBED`: a selftest verdict was recorded.
 pub const KERNEL_PROBED: u32 = 1 << 0;
@@ -260,8 +260,20 @@ pub enum Counter {
     Sticky = 10,
 }
 
-/// `MB_CTR_MAX`: entries of `mb_counters`.
-pub const COUNTER_SLOTS: u32 = 16;
+/// `MB_CTR_MAX`: slots of `struct mb_counters`.
+pub const COUNTER_SLOTS: usize = 16;
+
+/// `struct mb_counters`: every counter of one CPU (the single entry of
+/// `mb_counters`, per CPU).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CounterBlock {
+    pub v: [u64; COUNTER_SLOTS],
+}
+
+const _: () = assert!(size_of::<CounterBlock>() == 128);
+// SAFETY: integers only.
+unsafe impl aya::Pod for CounterBlock {}
 
 impl Counter {
     pub const ALL: [Counter; 11] = [

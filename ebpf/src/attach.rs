@@ -5,10 +5,9 @@
 use std::{
     fs::{self, File},
     io,
+    os::fd::AsFd,
     path::{Path, PathBuf},
 };
-
-use aya::programs::{CgroupAttachMode, ProgramError, SockOps, links::FdLink};
 
 use crate::loader::Node;
 
@@ -26,7 +25,7 @@ pub enum AttachError {
     Attach {
         path: PathBuf,
         #[source]
-        source: Box<ProgramError>,
+        source: Box<io::Error>,
     },
     #[error("cannot pin link {}", path.display())]
     Pin {
@@ -75,26 +74,18 @@ impl Node {
             path: cgroup_dir.into(),
             source,
         })?;
-        let attach_err = |e| AttachError::Attach {
+        // Raw bpf(2) here, not aya's SockOps::attach: aya probes kernel
+        // features on first use (a dozen program and BTF loads, ~1.5 ms),
+        // which every pod start would pay. A bpf_link on a cgroup coexists
+        // with other programs there (a CNI's own), as BPF_F_ALLOW_MULTI.
+        let attach_err = |source: io::Error| AttachError::Attach {
             path: cgroup_dir.into(),
-            source: Box::new(e),
+            source: Box::new(source),
         };
-        let mut prog = SockOps::from_pin(self.pins.prog(crate::pins::PROG_SOCKOPS)).map_err(attach_err)?;
-        // aya makes a bpf_link here (kernel >= 5.7). Links always coexist
-        // with other programs on the cgroup (a CNI's own), as in
-        // BPF_F_ALLOW_MULTI, and the kernel refuses flags on them: `Single`
-        // is how aya spells "no flags".
-        let id = prog
-            .attach(&cgroup, CgroupAttachMode::Single)
+        let prog = crate::sys::obj_get(&self.pins.prog(crate::pins::PROG_SOCKOPS)).map_err(attach_err)?;
+        let link = crate::sys::link_create(prog.as_fd(), cgroup.as_fd(), crate::sys::BPF_CGROUP_SOCK_OPS)
             .map_err(attach_err)?;
-        let link = prog.take_link(id).map_err(attach_err)?;
-        let fd_link: FdLink =
-            link.try_into()
-                .map_err(|e: aya::programs::links::LinkError| AttachError::Pin {
-                    path: pin.clone(),
-                    source: Box::new(e),
-                })?;
-        fd_link.pin(&pin).map_err(|e| AttachError::Pin {
+        crate::sys::obj_pin(link.as_fd(), &pin).map_err(|e| AttachError::Pin {
             path: pin.clone(),
             source: Box::new(e),
         })?;

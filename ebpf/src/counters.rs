@@ -19,10 +19,10 @@ impl Counters {
 
 impl Node {
     pub fn counters(&self) -> Result<Counters, MapError> {
+        let per_cpu = self.counters.get(&0, 0)?;
         let mut out = BTreeMap::new();
         for c in Counter::ALL {
-            let per_cpu = self.counters.get(&(c as u32), 0)?;
-            out.insert(c.name(), per_cpu.iter().sum());
+            out.insert(c.name(), per_cpu.iter().map(|b| b.v[c as usize]).sum());
         }
         Ok(Counters(out))
     }

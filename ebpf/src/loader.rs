@@ -106,7 +106,7 @@ pub struct Node {
     pub(crate) pairs: HashMap<MapData, SockKey, Pair>,
     pub(crate) endpoints: HashMap<MapData, EndpointKey, Endpoint>,
     pub(crate) config: Array<MapData, Config>,
-    pub(crate) counters: PerCpuArray<MapData, u64>,
+    pub(crate) counters: PerCpuArray<MapData, crate::abi::CounterBlock>,
     pub(crate) tx: SockHash<MapData, SockKey>,
     pub(crate) rx: SockHash<MapData, SockKey>,
 }

@@ -1,6 +1,6 @@
 //! The subcommands.
 
-use std::{path::Path, process::ExitCode, time::Duration};
+use std::{path::Path, process::ExitCode, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use meshbypass_ebpf::{
@@ -11,7 +11,13 @@ use meshbypass_ebpf::{
 };
 use serde_json::json;
 
-use crate::cli::{Cli, Command};
+use crate::{
+    agent,
+    cli::{Cli, Command, HostPaths},
+    confdir::{Chained, ConfDir},
+    installer::{self, Installer},
+    metrics::Stats,
+};
 
 const SELFTEST_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -34,6 +40,12 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Status => status(root, cli.json),
+        Command::Install { paths, selftest } => install(root, &paths, selftest),
+        Command::Uninstall { paths, cleanup } => uninstall(root, &paths, cleanup),
+        Command::Run(opts) => {
+            agent::run(&opts)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Selftest => {
             let report = run_selftest()?;
             // Record the verdict when the node is loaded here.
@@ -60,7 +72,92 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn run_selftest() -> anyhow::Result<selftest::Report> {
+/// An error and its sources on one line (for log lines outside anyhow).
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
+}
+
+/// `install`: load (with the selftest once), copy the plugin, chain it.
+fn install(root: &Path, paths: &HostPaths, run_probe: bool) -> anyhow::Result<ExitCode> {
+    let conf = ConfDir::new(&paths.cni_conf_dir);
+    if conf.primary()?.is_none() {
+        anyhow::bail!(
+            "no CNI network config (*.conflist, *.conf, *.json) in {}: install the primary CNI first \
+             (for a plain host, conflist/bridge.conflist is an example)",
+            paths.cni_conf_dir.display()
+        );
+    }
+    load(root, run_probe, false)?;
+    let binary = match &paths.plugin_binary {
+        Some(p) => p.clone(),
+        None => agent::default_plugin_binary()?,
+    };
+    let entry = installer::entry(paths.plugin_config.as_deref(), root, None)?;
+    let mut inst = Installer::new(
+        &paths.cni_bin_dir,
+        &paths.cni_conf_dir,
+        &binary,
+        entry,
+        None,
+        Arc::new(Stats::default()),
+    )?;
+    let copied = inst.ensure_binary()?;
+    println!(
+        "{} {}",
+        if copied {
+            "copied the plugin to"
+        } else {
+            "the plugin is already at"
+        },
+        inst.target().display()
+    );
+    match inst.ensure_chained()? {
+        Chained::NoPrimary => anyhow::bail!(
+            "the CNI network config in {} disappeared while installing",
+            paths.cni_conf_dir.display()
+        ),
+        Chained::Unchanged { file } => {
+            println!("already chained into {}", paths.cni_conf_dir.join(file).display())
+        }
+        Chained::Written { file } => println!("chained into {}", paths.cni_conf_dir.join(file).display()),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `uninstall`: our conflist entries first, then the binary; `--cleanup`
+/// also unloads the maps and pod links.
+fn uninstall(root: &Path, paths: &HostPaths, cleanup: bool) -> anyhow::Result<ExitCode> {
+    let removed = installer::uninstall(&paths.cni_conf_dir, &paths.cni_bin_dir, None)?;
+    if removed.is_empty() {
+        println!(
+            "nothing to remove in {} or {}",
+            paths.cni_conf_dir.display(),
+            paths.cni_bin_dir.display()
+        );
+    }
+    for path in &removed {
+        println!("removed meshbypass from {}", path.display());
+    }
+    if cleanup {
+        let report = loader::unload(root).with_context(|| format!("unloading {}", root.display()))?;
+        println!(
+            "unloaded {}: {} pins and {} pod links removed",
+            root.display(),
+            report.pins,
+            report.links
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) fn run_selftest() -> anyhow::Result<selftest::Report> {
     let exe = std::env::current_exe().context("locating this binary for the probe process")?;
     selftest::run(&exe, SELFTEST_TIMEOUT).context("running the kernel selftest")
 }

@@ -1,8 +1,18 @@
 //! `meshbypass-node`: the node agent. This file reads the command line and
-//! dispatches; each subcommand lives in `cmd/`.
+//! dispatches; the subcommands are in `cmd.rs`, `run` in `agent.rs`.
 
+mod agent;
+mod atomic;
 mod cli;
 mod cmd;
+mod confdir;
+mod conflist;
+mod gc;
+mod http;
+mod installer;
+mod kubeconfig;
+mod metrics;
+mod watch;
 
 use std::process::ExitCode;
 
@@ -15,7 +25,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logging(cmd.verbose);
+    // The long-running and host-changing commands say what they do.
+    let chatty = matches!(
+        cmd.command,
+        cli::Command::Run(_) | cli::Command::Install { .. } | cli::Command::Uninstall { .. }
+    );
+    init_logging(cmd.verbose, chatty);
     match cmd::run(cmd) {
         Ok(code) => code,
         Err(e) => {
@@ -25,7 +40,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(verbose: bool) {
+fn init_logging(verbose: bool, chatty: bool) {
     struct Stderr(log::LevelFilter);
     impl log::Log for Stderr {
         fn enabled(&self, m: &log::Metadata<'_>) -> bool {
@@ -38,10 +53,10 @@ fn init_logging(verbose: bool) {
         }
         fn flush(&self) {}
     }
-    let level = if verbose {
-        log::LevelFilter::Debug
-    } else {
-        log::LevelFilter::Warn
+    let level = match (verbose, chatty) {
+        (true, _) => log::LevelFilter::Debug,
+        (false, true) => log::LevelFilter::Info,
+        (false, false) => log::LevelFilter::Warn,
     };
     if log::set_boxed_logger(Box::new(Stderr(level))).is_ok() {
         log::set_max_level(level);

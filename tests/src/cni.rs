@@ -51,15 +51,17 @@ impl Runtime {
     pub fn new(conflist: &Path, bin_dirs: &[PathBuf]) -> Self {
         let text =
             std::fs::read_to_string(conflist).unwrap_or_else(|e| panic!("{}: {e}", conflist.display()));
+        Self::from_value(serde_json::from_str(&text).expect("conflist JSON"), bin_dirs)
+    }
+
+    /// A parsed conflist; plugins are looked up in `bin_dirs`.
+    pub fn from_value(conflist: Value, bin_dirs: &[PathBuf]) -> Self {
         let cni_path = bin_dirs
             .iter()
             .map(|p| p.display().to_string())
             .collect::<Vec<_>>()
             .join(":");
-        Self {
-            conflist: serde_json::from_str(&text).expect("conflist JSON"),
-            cni_path,
-        }
+        Self { conflist, cni_path }
     }
 
     fn plugins(&self) -> Vec<Value> {

@@ -17,6 +17,7 @@ use std::{
 };
 
 pub mod cni;
+pub mod node;
 
 use meshbypass_ebpf::{Counter, Mode, Node, PodEntry, counters::Counters};
 
@@ -247,16 +248,22 @@ impl Drop for BpfRoot {
 }
 
 /// The path of a binary built beside the test executable.
+/// (Test executables live in `target/<profile>/deps`, binaries in
+/// `target/<profile>`.)
 pub fn sibling_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let p = dir.join(name);
-    assert!(
-        p.exists(),
-        "{} is missing: build the workspace first (cargo build --workspace)",
-        p.display()
-    );
-    p
+    let dir = exe.parent().expect("exe dir");
+    let candidates = [dir.join(name), dir.parent().unwrap_or(dir).join(name)];
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .unwrap_or_else(|| {
+            panic!(
+                "{name} is missing beside {}: build the workspace first (cargo build --workspace)",
+                exe.display()
+            )
+        })
 }
 
 /// A running `mb-peer`, killed by PID on drop.
@@ -337,20 +344,62 @@ impl Peer {
         self.line(Duration::from_secs(30))
     }
 
+    /// Ends the process now (by PID) and reaps it.
+    pub fn kill(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            if let Err(e) = self.child.kill() {
+                eprintln!("cleanup: kill {} {}: {e}", self.role, self.child.id());
+            }
+            if let Err(e) = self.child.wait() {
+                eprintln!("cleanup: wait {} {}: {e}", self.role, self.child.id());
+            }
+        }
+    }
+
+    /// Asks the process to stop (SIGTERM: nginx's master then stops its
+    /// workers), then kills it if it is still there after 5 s.
+    pub fn terminate(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+            if let Err(e) = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM) {
+                eprintln!("cleanup: SIGTERM {} {pid}: {e}", self.role);
+            }
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+        }
+        self.kill();
+    }
+
+    /// All output lines so far.
+    pub fn drain(&self) -> Vec<String> {
+        self.lines.try_iter().collect()
+    }
+
     /// Waits for the process to exit; returns (success, last line).
-    pub fn finish(mut self, timeout: Duration) -> (bool, String) {
+    pub fn finish(self, timeout: Duration) -> (bool, String) {
+        let (ok, lines) = self.finish_lines(timeout);
+        (ok, lines.last().cloned().unwrap_or_default())
+    }
+
+    /// Waits for the process to exit; returns (success, every output line).
+    pub fn finish_lines(mut self, timeout: Duration) -> (bool, Vec<String>) {
         let deadline = Instant::now() + timeout;
         loop {
             match self.child.try_wait().expect("wait") {
                 Some(status) => {
-                    let mut last = String::new();
+                    let mut lines = Vec::new();
                     while let Ok(l) = self.lines.recv_timeout(Duration::from_millis(200)) {
-                        last = l;
+                        lines.push(l);
                     }
-                    return (status.success(), last);
+                    return (status.success(), lines);
                 }
                 None if Instant::now() > deadline => {
-                    panic!("mb-peer {} still running after {timeout:?}", self.role)
+                    panic!("{} still running after {timeout:?}", self.role)
                 }
                 None => thread::sleep(Duration::from_millis(20)),
             }
@@ -360,14 +409,7 @@ impl Peer {
 
 impl Drop for Peer {
     fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            if let Err(e) = self.child.kill() {
-                eprintln!("cleanup: kill mb-peer {}: {e}", self.child.id());
-            }
-            if let Err(e) = self.child.wait() {
-                eprintln!("cleanup: wait mb-peer {}: {e}", self.child.id());
-            }
-        }
+        self.kill();
     }
 }
 

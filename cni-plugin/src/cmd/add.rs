@@ -26,10 +26,29 @@ pub fn run(env: &Env, config: &Config) -> Result<String, CniError> {
     })?;
     let reply = prev::passthrough(prev_result, &config.cni_version).to_string();
 
-    if let Decision::Skip { reason } = policy::for_config(config)?.decide(&att.args)? {
-        info!("not meshed: {reason}");
-        return Ok(reply);
-    }
+    // The pod's own settings (from its annotations, with kubernetes.kubeconfig) replace the
+    // configuration's for everything below.
+    let config = &match policy::for_config(config)?.decide(&att.args)? {
+        Decision::Skip { reason } => {
+            info!("not meshed: {reason}");
+            return Ok(reply);
+        }
+        Decision::Mesh {
+            redirect,
+            acceleration,
+            reason,
+        } => {
+            info!(
+                "meshed: {reason}; {} redirect, acceleration {acceleration}",
+                redirect.mesh
+            );
+            Config {
+                redirect: *redirect,
+                acceleration,
+                ..config.clone()
+            }
+        }
+    };
     let netns = att.netns.as_deref().ok_or(CniError::InvalidConfig {
         problem: "CNI_NETNS is empty",
         fix: "ADD needs the pod's network namespace",
@@ -45,47 +64,69 @@ pub fn run(env: &Env, config: &Config) -> Result<String, CniError> {
         warn!("prevResult lists no IPs: only the redirect is applied");
     }
     let families = redirect::families(&ips);
-    if let Err(e) = redirect::apply(netns, &config.redirect, &families) {
-        // Nothing half-configured: take back whichever family went in.
-        if let Err(undo) = redirect::remove(netns) {
-            warn!("undo after a failed ADD: {undo}");
-        }
-        return Err(e);
-    }
-
-    let outcome = if ips.is_empty() {
-        bypass::Outcome::Skipped {
-            reason: "no pod IPs".into(),
-        }
-    } else {
-        bypass::attach(config, att, &ips, netns)
-    };
-    let (cookie, cgroup, mode) = match &outcome {
-        bypass::Outcome::Accelerated {
-            netns_cookie,
-            cgroup,
-            mode,
-        } => (
-            Some(*netns_cookie),
-            Some(cgroup.clone()),
-            Some(mode.as_str().to_owned()),
-        ),
-        bypass::Outcome::Skipped { .. } => (None, None, None),
-    };
-    let state = PodState {
+    let states = StateDir::new(&config.state_dir);
+    let mut state = PodState {
         container_id: att.container_id.as_str().into(),
         ifname: att.ifname.as_str().into(),
         netns: Some(netns.into()),
         pod_namespace: att.args.pod_namespace.clone(),
         pod_name: att.args.pod_name.clone(),
         pod_uid: att.args.pod_uid.as_ref().map(|u| u.as_str().to_owned()),
-        ips,
+        ips: ips.clone(),
         families: families.iter().map(|f| family_name(*f).to_owned()).collect(),
-        netns_cookie: cookie,
-        cgroup,
-        mode,
+        netns_cookie: None,
+        cgroup: None,
+        mode: None,
     };
-    if let Err(e) = StateDir::new(&config.state_dir).save(&state, &att.container_id) {
+    // No record: the first ADD of this sandbox, whose netns holds nothing of
+    // ours. The record goes first, so a retry after a crash knows better.
+    let started = std::time::Instant::now();
+    let fresh = matches!(states.load(&att.container_id), Ok(None));
+    if fresh {
+        states
+            .save(&state, &att.container_id)
+            .map_err(|e| CniError::Internal {
+                action: "recording the pod for DEL",
+                source: Box::new(e),
+            })?;
+    }
+    let applied = redirect::apply(netns, &config.redirect, &families, fresh);
+    let netns_cookie = match applied {
+        Ok(cookie) => cookie,
+        Err(e) => {
+            // Nothing half-configured: take back whichever family went in.
+            if let Err(undo) = redirect::remove(netns) {
+                warn!("undo after a failed ADD: {undo}");
+            }
+            if let Err(undo) = states.remove(&att.container_id) {
+                warn!("undo after a failed ADD: {undo}");
+            }
+            return Err(e);
+        }
+    };
+
+    let redirect_done = started.elapsed();
+    let outcome = if ips.is_empty() {
+        bypass::Outcome::Skipped {
+            reason: "no pod IPs".into(),
+        }
+    } else {
+        bypass::attach(config, att, &ips, netns_cookie)
+    };
+    let cookie = match &outcome {
+        bypass::Outcome::Accelerated {
+            netns_cookie,
+            cgroup,
+            mode,
+        } => {
+            state.netns_cookie = Some(*netns_cookie);
+            state.cgroup = Some(cgroup.clone());
+            state.mode = Some(mode.as_str().to_owned());
+            Some(*netns_cookie)
+        }
+        bypass::Outcome::Skipped { .. } => None,
+    };
+    if let Err(e) = states.save(&state, &att.container_id) {
         // Without the record DEL could not find everything: undo and fail.
         if let Err(undo) = redirect::remove(netns) {
             warn!("undo after a failed ADD: {undo}");
@@ -93,12 +134,19 @@ pub fn run(env: &Env, config: &Config) -> Result<String, CniError> {
         if let Err(undo) = bypass::remove(&config.bpf_root, att.container_id.as_str(), cookie) {
             warn!("undo after a failed ADD: {undo}");
         }
+        if let Err(undo) = states.remove(&att.container_id) {
+            warn!("undo after a failed ADD: {undo}");
+        }
         return Err(CniError::Internal {
             action: "recording the pod for DEL",
             source: Box::new(e),
         });
     }
-    info!("meshed: redirect for {families:?}, bypass {outcome:?}");
+    info!(
+        "meshed: redirect for {families:?} in {:.1} ms, bypass {outcome:?} in {:.1} ms",
+        redirect_done.as_secs_f64() * 1e3,
+        (started.elapsed() - redirect_done).as_secs_f64() * 1e3
+    );
     Ok(reply)
 }
 

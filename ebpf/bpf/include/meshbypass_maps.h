@@ -11,7 +11,7 @@
 #include <linux/types.h>
 
 /* Stamped into mb_config by the shared loader once every pin exists. */
-#define MB_LAYOUT_VERSION 1
+#define MB_LAYOUT_VERSION 2
 
 /* Acceleration modes, as written by the plugin into struct mb_pod.mode. */
 #define MB_MODE_AUTO 0       /* all if the node's selftest passed, else proxy-only */
@@ -34,7 +34,7 @@
 #define MB_KERNEL_HAZARD_FIONREAD (1u << 4) /* FIONREAD misses redirected bytes */
 #define MB_KERNEL_HAZARD_BLOCKING (1u << 6) /* blocking read() on a member fails with EAGAIN */
 
-/* Counters: indexes into mb_counters (per CPU, summed by user space). */
+/* Counters: indexes into struct mb_counters.v (per CPU, summed by user space). */
 enum mb_counter {
 	MB_CTR_SOCKETS_TRACKED = 0, /* sockets put into the sockhashes */
 	MB_CTR_PAIRS_PLAIN = 1,     /* connections paired by their reversed tuple */
@@ -48,6 +48,11 @@ enum mb_counter {
 	MB_CTR_PASSTHROUGH_BYTES = 9,
 	MB_CTR_STICKY = 10,          /* directions pinned to the stack for their life */
 	MB_CTR_MAX = 16,
+};
+
+/* All counters of one CPU: one lookup per message updates several. */
+struct mb_counters {
+	__u64 v[MB_CTR_MAX];
 };
 
 /* An address as 16 bytes: IPv6, or IPv4 as ::ffff:a.b.c.d; network order. */
@@ -216,12 +221,12 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } mb_config SEC(".maps");
 
-/* Counters (enum mb_counter). Written by both programs, read by status. */
+/* Counters (enum mb_counter), one entry. Written by both programs, read by status. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, MB_CTR_MAX);
+	__uint(max_entries, 1);
 	__type(key, __u32);
-	__type(value, __u64);
+	__type(value, struct mb_counters);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } mb_counters SEC(".maps");
 

@@ -1,0 +1,252 @@
+//! A simulated Kubernetes node: a conflist from `conflist/` executed per the
+//! CNI spec with Debian's reference plugins, pods as network namespaces with
+//! kubelet-layout cgroups, and sidecar processes. Used by the end-to-end
+//! tests, the benchmark and the demo.
+
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde_json::Value;
+
+use crate::{KubeCgroup, Netns, Peer, cni::*, require_root, sibling_bin, unique, wait_for};
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// The node: removes the bridge, IPAM and plugin state and the bpf root its
+/// conflist names, whatever happens.
+pub struct SimNode {
+    pub rt: Runtime,
+    pub bpf_root: PathBuf,
+    pub state_dir: PathBuf,
+    pub log_file: PathBuf,
+    bridge: String,
+    run_dir: Option<PathBuf>,
+}
+
+impl SimNode {
+    /// `conflist/<name>` with `edit` applied to the parsed list (the tests
+    /// use it as-is; the benchmark gives it names of its own).
+    pub fn new(name: &str, edit: impl FnOnce(&mut Value)) -> Self {
+        require_root();
+        let path = repo().join("conflist").join(name);
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let mut conflist: Value = serde_json::from_str(&text).expect("conflist JSON");
+        edit(&mut conflist);
+        let plugin_dir = sibling_bin("meshbypass").parent().unwrap().to_path_buf();
+        let rt = Runtime::from_value(conflist, &[plugin_dir, PathBuf::from("/usr/lib/cni")]);
+        let ours = rt.plugin("meshbypass");
+        let bridge = rt.plugin("bridge");
+        let field = |v: &Value, k: &str| PathBuf::from(v[k].as_str().unwrap_or_default());
+        let bpf_root = field(&ours, "bpfRoot");
+        assert!(
+            !bpf_root.exists(),
+            "{} exists: another run is using this conflist (or left it: `meshbypass-node unload --bpf-root {}`)",
+            bpf_root.display(),
+            bpf_root.display()
+        );
+        let state_dir = field(&ours, "stateDir");
+        Self {
+            rt,
+            log_file: field(&ours, "logFile"),
+            run_dir: state_dir.parent().map(Path::to_path_buf),
+            state_dir,
+            bpf_root,
+            bridge: bridge["bridge"].as_str().unwrap_or("cni0").to_owned(),
+        }
+    }
+
+    pub fn node(&self) -> meshbypass_ebpf::Node {
+        meshbypass_ebpf::Node::open(&self.bpf_root).expect("the node's maps")
+    }
+
+    pub fn counters(&self) -> meshbypass_ebpf::counters::Counters {
+        self.node().counters().expect("counters")
+    }
+}
+
+impl Drop for SimNode {
+    fn drop(&mut self) {
+        if let Err(e) = meshbypass_ebpf::unload(&self.bpf_root) {
+            eprintln!("cleanup {}: {e}", self.bpf_root.display());
+        }
+        if Path::new("/sys/class/net").join(&self.bridge).exists()
+            && let Err(e) = std::process::Command::new("ip")
+                .args(["link", "del", &self.bridge])
+                .status()
+        {
+            eprintln!("cleanup {}: {e}", self.bridge);
+        }
+        if let Some(dir) = &self.run_dir
+            && let Err(e) = std::fs::remove_dir_all(dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            eprintln!("cleanup {}: {e}", dir.display());
+        }
+    }
+}
+
+/// A pod: netns, kubelet cgroup, attachment, ADD result.
+pub struct SimPod {
+    pub att: Attachment,
+    pub cgroup: KubeCgroup,
+    pub ns: Netns,
+    pub result: Option<Value>,
+}
+
+fn hex(n: u64) -> String {
+    format!("{n:016x}")
+}
+
+impl SimPod {
+    /// `systemd` picks the cgroup driver (and with it a QoS class).
+    pub fn new(name: &str, systemd: bool) -> Self {
+        let ns = Netns::new(name);
+        let seed = (std::process::id() as u64 * 1_000_003) ^ ns.cookie().rotate_left(32);
+        let uid = format!(
+            "{}-{}-{}-{}-{}",
+            &hex(seed)[..8],
+            &hex(seed)[8..12],
+            &hex(seed)[12..16],
+            &hex(seed.rotate_left(17))[..4],
+            &hex(seed.rotate_left(29))[..12]
+        );
+        let rel = if systemd {
+            format!(
+                "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice",
+                uid.replace('-', "_")
+            )
+        } else {
+            format!("kubepods/besteffort/pod{uid}")
+        };
+        let cgroup = KubeCgroup::new(&rel);
+        let att = Attachment {
+            container_id: format!("{}{}{}{}", hex(seed), hex(seed ^ 1), hex(seed ^ 2), hex(seed ^ 3)),
+            netns: Some(ns.path()),
+            ifname: "eth0".into(),
+            namespace: "default".into(),
+            name: name.into(),
+            uid,
+        };
+        Self {
+            att,
+            cgroup,
+            ns,
+            result: None,
+        }
+    }
+
+    /// ADD through the node's conflist.
+    pub fn add(&mut self, node: &SimNode) {
+        let r = node
+            .rt
+            .add(&self.att)
+            .unwrap_or_else(|e| panic!("ADD {}: {e:?}", self.att.name));
+        self.result = Some(r);
+    }
+
+    pub fn ip(&self) -> String {
+        let r = self.result.as_ref().expect("ADD first");
+        r["ips"][0]["address"]
+            .as_str()
+            .unwrap()
+            .split('/')
+            .next()
+            .unwrap()
+            .to_owned()
+    }
+
+    pub fn rules(&self) -> String {
+        self.ns.exec(&["iptables-save", "-t", "nat"])
+    }
+
+    /// Runs `program args` inside the pod (cgroup, then netns), as `uid`.
+    pub fn spawn(&self, uid: Option<u32>, program: &str, args: &[&str]) -> Peer {
+        let mut v = vec!["--", program];
+        v.extend_from_slice(args);
+        Peer::spawn(&self.cgroup.place(&self.ns, uid), "exec", &v)
+    }
+
+    /// Waits until something listens on TCP `port` in the pod.
+    pub fn wait_listen(&self, port: u16) {
+        wait_for(
+            &format!("a listener on {port} in {}", self.ns.name),
+            Duration::from_secs(10),
+            || self.ns.exec(&["ss", "-Hltn"]).contains(&format!(":{port} ")),
+        );
+    }
+}
+
+/// An HAProxy sidecar standing in for Envoy: listens on `bind`, forwards to
+/// `upstream`, runs as UID/GID 1337 (Istio's proxy). `http` picks HTTP mode
+/// (keep-alive, header parsing) over plain TCP. Stats on a unix socket.
+pub struct Sidecar {
+    pub peer: Peer,
+    pub stats: PathBuf,
+    dir: PathBuf,
+}
+
+impl Sidecar {
+    pub fn start(pod: &SimPod, bind: u16, upstream: &str, http: bool) -> Self {
+        let dir = std::env::temp_dir().join(unique("hap"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let stats = dir.join("stats.sock");
+        let cfg = dir.join("haproxy.cfg");
+        let mode = if http {
+            "http\n  option http-keep-alive"
+        } else {
+            "tcp"
+        };
+        std::fs::write(
+            &cfg,
+            format!(
+                "global\n  uid 1337\n  gid 1337\n  maxconn 4096\n  stats socket {} mode 600 level admin\n\n\
+                 defaults\n  mode {mode}\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\n\
+                 frontend in\n  bind 0.0.0.0:{bind}\n  default_backend up\n\n\
+                 backend up\n  server s1 {upstream}\n",
+                stats.display()
+            ),
+        )
+        .unwrap();
+        let peer = pod.spawn(None, "haproxy", &["-db", "-f", cfg.to_str().unwrap()]);
+        pod.wait_listen(bind);
+        Self { peer, stats, dir }
+    }
+
+    /// Total sessions the frontend accepted (HAProxy's `stot`).
+    pub fn sessions(&self) -> u64 {
+        use std::io::{Read, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(&self.stats).expect("haproxy stats socket");
+        s.write_all(b"show stat\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let mut lines = out.lines();
+        let header: Vec<&str> = lines
+            .next()
+            .unwrap_or("")
+            .trim_start_matches("# ")
+            .split(',')
+            .collect();
+        let col = header.iter().position(|h| *h == "stot").expect("stot column");
+        lines
+            .filter(|l| l.split(',').nth(1) == Some("FRONTEND"))
+            .filter_map(|l| l.split(',').nth(col)?.parse::<u64>().ok())
+            .sum()
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        self.peer.kill();
+        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            eprintln!("cleanup {}: {e}", self.dir.display());
+        }
+    }
+}

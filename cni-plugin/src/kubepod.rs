@@ -33,6 +33,7 @@
 
 use std::collections::BTreeMap;
 
+use log::warn;
 use serde::Deserialize;
 
 use crate::cidr::Cidr;
@@ -384,6 +385,16 @@ fn istio(pod: &Pod, spec: &mut RedirectSpec) -> Result<(), PodSettingError> {
                  every destination (\"*\", nothing excluded) or remove the annotation",
             ));
         }
+    }
+    if pod
+        .container(ISTIO_PROXY)
+        .and_then(|c| c.env("ISTIO_META_DNS_CAPTURE"))
+        .and_then(go_bool)
+        == Some(true)
+    {
+        warn!(
+            "ISTIO_META_DNS_CAPTURE is on, but meshbypass does not redirect DNS: the pod resolves directly"
+        );
     }
     if let Some(proxy) = pod
         .container(ISTIO_PROXY)

@@ -27,9 +27,11 @@ pub fn run(env: &Env, config: &Config) -> Result<(), CniError> {
         problem: "prevResult is missing",
         fix: "CHECK needs the result of ADD as prevResult",
     })?;
-    if let Decision::Skip { .. } = policy::for_config(config)?.decide(&att.args)? {
-        return Ok(());
-    }
+    // The pod's own settings (API policy: its annotations) are what ADD used.
+    let redirect = match policy::for_config(config)?.decide(&att.args)? {
+        Decision::Skip { .. } => return Ok(()),
+        Decision::Mesh { redirect, .. } => redirect,
+    };
     let netns = att
         .netns
         .as_deref()
@@ -83,9 +85,9 @@ pub fn run(env: &Env, config: &Config) -> Result<(), CniError> {
         v
     };
     if pod.ips != want_ips
-        || pod.outbound_port != config.redirect.outbound_port
-        || pod.inbound_port != config.redirect.inbound_port
-        || pod.proxy_uid != Some(config.redirect.proxy_uid)
+        || pod.outbound_port != redirect.outbound_port
+        || pod.inbound_port != redirect.inbound_port
+        || pod.proxy_uid != Some(redirect.proxy_uid)
         || Some(pod.mode) != state.mode.as_deref()
     {
         return Err(missing(format!(

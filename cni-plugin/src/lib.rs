@@ -4,6 +4,7 @@
 //! Kubernetes API when a kubeconfig is configured).
 
 pub mod bypass;
+pub mod caps;
 pub mod cgroup;
 pub mod cidr;
 pub mod cmd;

@@ -20,7 +20,7 @@ pub const KERNEL_SAFE_ALL: u32 = 1 << 1;
 pub const KERNEL_SAFE_MEMBER: u32 = 1 << 5;
 
 /// `MB_KERNEL_HAZARD_*`: what the selftest found, by probe name.
-pub const KERNEL_HAZARDS: [(u32, &str, &str); 4] = [
+pub const KERNEL_HAZARDS: [(u32, &str, &str); 5] = [
     (
         1 << 2,
         "redirect",
@@ -39,8 +39,15 @@ pub const KERNEL_HAZARDS: [(u32, &str, &str); 4] = [
     (
         1 << 6,
         "blocking-read",
-        "a blocking read() on any sockmap member fails with EAGAIN when woken without data: \
-         proxy-only and auto keep app sockets out of the maps (sidecar-to-sidecar only)",
+        "a blocking read() on a redirect target fails with EAGAIN when woken without data: \
+         auto redirects only into proxy sockets",
+    ),
+    (
+        1 << 7,
+        "blocking-read-member",
+        "a blocking read() on a socket that is only a sender in the maps fails with EAGAIN when \
+         woken without data: proxy-only and auto keep app sockets out of the maps \
+         (sidecar-to-sidecar legs only)",
     ),
 ];
 

@@ -313,6 +313,13 @@ impl Node {
         self.config.get(&0, 0)
     }
 
+    /// Sets `mb_config.kernel_flags` (the selftest's private roots).
+    pub fn set_kernel_flags(&mut self, flags: u32) -> Result<(), MapError> {
+        let mut cfg = self.config.get(&0, 0)?;
+        cfg.kernel_flags = flags;
+        self.config.set(0, cfg, 0)
+    }
+
     /// Records the selftest verdict that `auto` follows.
     pub fn record_verdict(&mut self, report: &crate::selftest::Report) -> Result<(), MapError> {
         let mut cfg = self.config.get(&0, 0)?;

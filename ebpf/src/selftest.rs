@@ -111,6 +111,37 @@ pub fn hazards(kernel_flags: u32) -> Vec<(&'static str, &'static str)> {
         .collect()
 }
 
+/// How the probe's netns is registered.
+#[derive(Clone, Copy)]
+enum Setup {
+    /// Mode `all`: both ends in both maps (redirect targets).
+    Targets,
+    /// Mode `proxy-only` with the connecting side (root) as the proxy and a
+    /// member verdict: the accepting side is an app socket in `mb_tx` only,
+    /// never fed redirected data.
+    Member,
+}
+
+impl Setup {
+    fn apply(self, node: &mut loader::Node, cookie: u64) -> io::Result<()> {
+        let (mode, proxy_uid, flags) = match self {
+            Setup::Targets => (Mode::All, None, 0),
+            Setup::Member => (Mode::ProxyOnly, Some(0), crate::abi::KERNEL_SAFE_MEMBER),
+        };
+        node.set_kernel_flags(flags).map_err(io::Error::other)?;
+        node.register_pod(&PodEntry {
+            netns_cookie: cookie,
+            ips: vec![Ipv4Addr::LOCALHOST.into()],
+            outbound_port: 0,
+            inbound_port: 0,
+            proxy_uid,
+            proxy_gid: None,
+            mode,
+        })
+        .map_err(io::Error::other)
+    }
+}
+
 /// A probe: (client, server) of a fresh connection -> verdict.
 type ProbeFn = fn(&mut TcpStream, &mut TcpStream) -> (Outcome, String);
 
@@ -177,11 +208,15 @@ fn run_in(exe: &Path, timeout: Duration, root: &Path, cgroup: &Path) -> Result<R
     };
     let mut out = String::new();
     let mut err = String::new();
-    if let Some(mut o) = child.stdout.take() {
-        o.read_to_string(&mut out).ok();
+    if let Some(mut o) = child.stdout.take()
+        && let Err(e) = o.read_to_string(&mut out)
+    {
+        log::warn!("reading the probe's report: {e}");
     }
-    if let Some(mut e) = child.stderr.take() {
-        e.read_to_string(&mut err).ok();
+    if let Some(mut e) = child.stderr.take()
+        && let Err(e) = e.read_to_string(&mut err)
+    {
+        log::warn!("reading the probe's errors: {e}");
     }
     let probes: Vec<Probe> = serde_json::from_str(out.trim()).map_err(|_| SelftestError::NoReport {
         status,
@@ -193,7 +228,7 @@ fn run_in(exe: &Path, timeout: Duration, root: &Path, cgroup: &Path) -> Result<R
             .any(|p| p.name == name && p.outcome == Outcome::Pass)
     };
     let safe_all = !probes.is_empty() && probes.iter().all(|p| p.outcome == Outcome::Pass);
-    let safe_member = passed("redirect") && passed("blocking-read");
+    let safe_member = passed("redirect") && passed("blocking-read-member");
     Ok(Report {
         kernel: kernel_release(),
         probes,
@@ -217,31 +252,26 @@ pub fn probe_main(root: &Path, cgroup: &Path) -> io::Result<Vec<Probe>> {
     loopback_up()?;
     let cookie = netns::current_cookie().map_err(io::Error::other)?;
     let mut node = loader::Node::open(root).map_err(io::Error::other)?;
-    node.register_pod(&PodEntry {
-        netns_cookie: cookie,
-        ips: vec![Ipv4Addr::LOCALHOST.into()],
-        outbound_port: 0,
-        inbound_port: 0,
-        proxy_uid: None,
-        proxy_gid: None,
-        mode: Mode::All,
-    })
-    .map_err(io::Error::other)?;
-    let probes: [(&str, ProbeFn); 4] = [
-        ("redirect", probe_redirect),
-        ("splice-reader", probe_splice),
-        ("fionread", probe_fionread),
-        ("blocking-read", probe_blocking_read),
+    let probes: [(&str, ProbeFn, Setup); 5] = [
+        ("redirect", probe_redirect, Setup::Targets),
+        ("splice-reader", probe_splice, Setup::Targets),
+        ("fionread", probe_fionread, Setup::Targets),
+        ("blocking-read", probe_blocking_read, Setup::Targets),
+        ("blocking-read-member", probe_blocking_read_member, Setup::Member),
     ];
     let mut out = Vec::new();
-    for (name, f) in probes {
+    for (name, f, setup) in probes {
+        setup.apply(&mut node, cookie)?;
         let before = redirected(&node);
         let (tx, rx) = mpsc::channel();
         let pair = connected_pair()?;
         // A hung probe thread is abandoned; the process exits after the report.
         thread::spawn(move || {
             let (mut client, mut server) = pair;
-            tx.send(f(&mut client, &mut server)).ok();
+            // The receiver is gone only when the probe was abandoned as hung.
+            if tx.send(f(&mut client, &mut server)).is_err() {
+                log::debug!("probe result after its deadline");
+            }
         });
         let (mut outcome, mut detail) = rx
             .recv_timeout(PROBE_DEADLINE)
@@ -406,15 +436,50 @@ fn probe_blocking_read(client: &mut TcpStream, server: &mut TcpStream) -> (Outco
     if let Err(e) = server.read_exact(&mut buf) {
         return (Outcome::Fail, format!("warm-up read: {e}"));
     }
+    probe_blocking_wakeup(client, server)
+}
+
+/// `server` blocks in read(); its own FIN being acknowledged wakes it
+/// without data; then `client` sends one byte.
+fn probe_blocking_wakeup(client: &mut TcpStream, server: &mut TcpStream) -> (Outcome, String) {
     let mut reader = match server.try_clone() {
         Ok(r) => r,
         Err(e) => return (Outcome::Fail, format!("clone: {e}")),
     };
     let (tx, rx) = mpsc::channel();
+    let (tid_tx, tid_rx) = mpsc::channel();
     thread::spawn(move || {
         let mut b = [0u8; 1];
-        tx.send(reader.read(&mut b).map_err(|e| e.kind())).ok();
+        if tid_tx.send(nix::unistd::gettid().as_raw()).is_err() {
+            return;
+        }
+        if tx.send(reader.read(&mut b).map_err(|e| e.kind())).is_err() {
+            log::debug!("blocking-read result after its deadline");
+        }
     });
+    // Wait until the reader sleeps inside read(): a wakeup before that
+    // would prove nothing (and pass a kernel that has the hazard).
+    let Ok(tid) = tid_rx.recv_timeout(Duration::from_secs(1)) else {
+        return (Outcome::Fail, "the reader thread did not start".into());
+    };
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        let stat = fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap_or_default();
+        // "tid (comm) S ...": the state follows the last ')'.
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next());
+        if state == Some("S") {
+            break;
+        }
+        if Instant::now() > deadline {
+            return (
+                Outcome::Inconclusive,
+                format!("the reader never slept (state {state:?})"),
+            );
+        }
+        thread::yield_now();
+    }
     // The reader blocks; our FIN and its ACK wake it without data.
     if let Err(e) = server.shutdown(std::net::Shutdown::Write) {
         return (Outcome::Fail, format!("shutdown: {e}"));
@@ -437,6 +502,20 @@ fn probe_blocking_read(client: &mut TcpStream, server: &mut TcpStream) -> (Outco
         Ok(other) => (Outcome::Fail, format!("read() gave {other:?}")),
         Err(_) => (Outcome::Hang, "data never reached the blocked reader".into()),
     }
+}
+
+/// The same wakeup on a socket that is only a sender in the maps (what
+/// proxy-only makes of an app socket): is mere membership a hazard?
+fn probe_blocking_read_member(client: &mut TcpStream, server: &mut TcpStream) -> (Outcome, String) {
+    // server (app, tx only) -> client (proxy, rx): redirected traffic first.
+    if let Err(e) = server.write_all(b"warm-up") {
+        return (Outcome::Fail, format!("write: {e}"));
+    }
+    let mut buf = [0u8; 7];
+    if let Err(e) = client.read_exact(&mut buf) {
+        return (Outcome::Fail, format!("warm-up read: {e}"));
+    }
+    probe_blocking_wakeup(client, server)
 }
 
 fn loopback_up() -> io::Result<()> {

@@ -17,6 +17,7 @@ use std::{
 };
 
 pub mod cni;
+pub mod cri;
 pub mod node;
 
 use meshbypass_ebpf::{Counter, Mode, Node, PodEntry, counters::Counters};

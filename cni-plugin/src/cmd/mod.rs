@@ -11,6 +11,7 @@ use std::path::Path;
 use log::{error, info};
 
 use crate::{
+    caps,
     config::Config,
     env::{Command, Env, EnvSource},
     error::CniError,
@@ -59,6 +60,10 @@ fn dispatch(source: &impl EnvSource, stdin: &[u8]) -> Result<String, CniError> {
     };
     logging::init(config.log_level.filter(), config.log_file.as_deref(), &tag);
     info!("request");
+    if matches!(env.command, Command::Add | Command::Del | Command::Check) {
+        // Before anything is touched: no half-configured pod for want of a capability.
+        caps::require()?;
+    }
     match env.command {
         Command::Add => add::run(&env, &config),
         Command::Del => del::run(&env, &config).map(|()| String::new()),

@@ -32,7 +32,8 @@
 #define MB_KERNEL_HAZARD_REDIRECT (1u << 2) /* redirected data did not arrive */
 #define MB_KERNEL_HAZARD_SPLICE (1u << 3)   /* splice() readers hang or read EOF */
 #define MB_KERNEL_HAZARD_FIONREAD (1u << 4) /* FIONREAD misses redirected bytes */
-#define MB_KERNEL_HAZARD_BLOCKING (1u << 6) /* blocking read() on a member fails with EAGAIN */
+#define MB_KERNEL_HAZARD_BLOCKING (1u << 6) /* blocking read() on a target fails with EAGAIN */
+#define MB_KERNEL_HAZARD_MEMBER (1u << 7)   /* ... and on a mere sender (tx member) too */
 
 /* Counters: indexes into struct mb_counters.v (per CPU, summed by user space). */
 enum mb_counter {

@@ -1,0 +1,175 @@
+//! The chained plugin under a real container runtime: Debian's containerd
+//! (CRI plugin, runc, its own root/state/socket) with `conflist/bridge.conflist`
+//! as its CNI network, driven through the CRI API as kubelet drives it.
+//! containerd's own libcni runs bridge → portmap → meshbypass with the real
+//! CNI_ARGS (K8S_POD_NAMESPACE/NAME/UID/INFRA_CONTAINER_ID); the workloads
+//! (an HTTP server, HAProxy sidecars as UID 1337 on Istio's ports, curl) run
+//! inside the sandboxes' network namespaces and pod cgroups.
+//!
+//! Root only; needs containerd, runc, busybox-static and the reference CNI
+//! plugins (scripts/deps.sh). The conflist names fixed resources (bridge
+//! mbx0, /run/meshbypass-local, /sys/fs/bpf/meshbypass-local), shared with
+//! tests/tests/cni_e2e.rs: this test refuses to start while any exists, and
+//! removes them whatever happens.
+
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use meshbypass_ebpf::Counter;
+use meshbypass_tests::{cri::Containerd, node::*, *};
+
+/// The simulated node's guard for the conflist's fixed resources, after
+/// checking nobody else holds them (the guard would remove them).
+fn local_node() -> SimNode {
+    require_root();
+    for (what, path) in [
+        ("bridge", "/sys/class/net/mbx0"),
+        ("run dir", "/run/meshbypass-local"),
+        ("bpf root", "/sys/fs/bpf/meshbypass-local"),
+    ] {
+        assert!(
+            !Path::new(path).exists(),
+            "{path} ({what} of conflist/bridge.conflist) exists: another test is using it, or a run left it"
+        );
+    }
+    SimNode::new("bridge.conflist", |_| {})
+}
+
+#[test]
+fn containerd_runs_the_chain_through_cri() {
+    let t0 = Instant::now();
+    let node = local_node();
+    let ctd = Containerd::start(&repo().join("conflist/bridge.conflist"));
+    eprintln!("containerd ready in {:?}", t0.elapsed());
+
+    let mut server = ctd.run_pod("srv", &[]);
+    let mut client = ctd.run_pod("cli", &[]);
+
+    // ADD ran through containerd: rules in the sandbox netns, the bypass
+    // attached to the pod cgroup (found by K8S_POD_UID), the pod registered,
+    // a state record per sandbox.
+    for pod in [&server, &client] {
+        let rules = pod.rules();
+        assert!(rules.contains("-A OUTPUT -p tcp -j MESHBYPASS_OUTPUT"), "{rules}");
+        assert!(
+            rules.contains("--to-ports 15006") && rules.contains("--to-ports 15001"),
+            "{rules}"
+        );
+        let link = node.bpf_root.join("links").join(&pod.id);
+        assert!(link.exists(), "no link pin {}", link.display());
+        let record = node.state_dir.join(format!("{}.json", pod.id));
+        assert!(record.exists(), "no state record {}", record.display());
+    }
+    let pods = node.node().pods();
+    assert_eq!(pods.len(), 2, "{pods:?}");
+    for pod in [&server, &client] {
+        let ip: std::net::IpAddr = pod.ip().parse().unwrap();
+        let reg = pods
+            .iter()
+            .find(|p| p.netns_cookie == pod.ns.cookie())
+            .unwrap_or_else(|| panic!("{} (sandbox netns) not registered: {pods:?}", pod.att.name));
+        assert_eq!(reg.ips, vec![ip], "{reg:?}");
+        assert_eq!(
+            (reg.outbound_port, reg.inbound_port, reg.proxy_uid),
+            (15001, 15006, Some(1337))
+        );
+    }
+    let log = std::fs::read_to_string(&node.log_file).unwrap_or_default();
+    for pod in [&server, &client] {
+        assert!(
+            log.contains(&pod.att.uid),
+            "the plugin never saw K8S_POD_UID {}:\n{log}",
+            pod.att.uid
+        );
+    }
+
+    // The app and its sidecar in the server pod, the sidecar in the client
+    // pod, curl in the client pod: HTTP through both sidecars.
+    let (srv_ip, before) = (server.ip(), node.counters());
+    let app = server.spawn(
+        None,
+        "/usr/bin/python3",
+        &["-m", "http.server", "8080", "--bind", "0.0.0.0"],
+    );
+    server.wait_listen(8080);
+    let sidecar_s = Sidecar::start(&server, 15006, "127.0.0.1:8080", false);
+    let sidecar_c = Sidecar::start(&client, 15001, &format!("{srv_ip}:8080"), false);
+    let url = format!("http://{srv_ip}:8080/");
+    let mut args = vec![
+        "-sS",
+        "--max-time",
+        "10",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}\\n",
+    ];
+    args.extend(vec![url.as_str(); 20]);
+    for _ in 0..3 {
+        let (ok, lines) = client
+            .spawn(None, "curl", &args)
+            .finish_lines(Duration::from_secs(60));
+        assert!(ok, "curl failed: {lines:?}");
+        assert_eq!(lines.iter().filter(|l| *l == "200").count(), 20, "{lines:?}");
+    }
+    let after = node.counters();
+    eprintln!("through both sidecars: {after:?}");
+    assert!(
+        sidecar_c.sessions() >= 3 && sidecar_s.sessions() >= 3,
+        "the requests did not cross the sidecars"
+    );
+    assert!(
+        after.get(Counter::PairsNat) > before.get(Counter::PairsNat),
+        "{after:?}"
+    );
+    assert!(
+        after.get(Counter::RedirectedMsgs) > before.get(Counter::RedirectedMsgs),
+        "sidecar-to-sidecar messages were not redirected: {after:?}"
+    );
+    drop((app, sidecar_s, sidecar_c));
+
+    // StopPodSandbox (CNI DEL, netns removed) and RemovePodSandbox leave
+    // nothing: no link, no registration, no state record, no netns.
+    for pod in [&mut server, &mut client] {
+        let netns = pod.netns_path();
+        pod.stop();
+        assert!(
+            !node.bpf_root.join("links").join(&pod.id).exists(),
+            "link pin left after StopPodSandbox"
+        );
+        assert!(
+            !node.state_dir.join(format!("{}.json", pod.id)).exists(),
+            "state record left after StopPodSandbox"
+        );
+        pod.remove();
+        assert!(!netns.exists(), "{} left after RemovePodSandbox", netns.display());
+        assert!(
+            ctd.cri()
+                .list_pod_sandbox()
+                .unwrap()
+                .iter()
+                .all(|s| s.id != pod.id),
+            "the sandbox is still listed"
+        );
+    }
+    let n = node.node();
+    assert!(n.pods().is_empty(), "{:?}", n.pods());
+    assert!(n.links().is_empty(), "{:?}", n.links());
+    wait_for("the pairing maps to drain", Duration::from_secs(10), || {
+        n.pairs().is_empty() && n.endpoints().is_empty()
+    });
+    let leased: Vec<String> = std::fs::read_dir("/run/meshbypass-local/ipam/meshbypass-local")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|n| n.parse::<std::net::IpAddr>().is_ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(leased.is_empty(), "host-local leases left: {leased:?}");
+    drop((server, client));
+    drop(ctd);
+    eprintln!("containerd CRI test: {:?}", t0.elapsed());
+}

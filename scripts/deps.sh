@@ -7,6 +7,8 @@ packages=(
   bpftool iproute2 iptables              # tests: pins, netns, veth, REDIRECT rules
   containernetworking-plugins            # the reference CNI plugins (bridge, host-local)
   haproxy nginx-light wrk curl python3   # sidecars, app, load (tests, demo, benchmark)
+  containerd runc busybox-static         # the CRI test: a real runtime, its pause image
+  protobuf-compiler                      # protoc: the CRI client's generated API
   ca-certificates
 )
 missing=()

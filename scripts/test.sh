@@ -19,3 +19,4 @@ if cargo clippy --version >/dev/null 2>&1; then
 fi
 cargo test --workspace --locked
 scripts/lint-manifests.sh
+scripts/lint-kind-tests.sh

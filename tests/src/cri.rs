@@ -218,6 +218,20 @@ impl Containerd {
         );
     }
 
+    /// runc's state root for the CRI namespace (set in the config).
+    fn runc_root(&self) -> PathBuf {
+        self.state.join("runc").join("k8s.io")
+    }
+
+    /// Kills and deletes a container through runc directly, for when
+    /// containerd cannot (the CRI calls failed, or it is gone).
+    fn force_delete(&self, id: &str) {
+        let root = self.runc_root();
+        if root.join(id).exists() {
+            cleanup(&["runc", "--root", root.to_str().unwrap(), "delete", "--force", id]);
+        }
+    }
+
     pub fn cri(&self) -> &Cri {
         self.cri.as_ref().expect("connected")
     }
@@ -292,7 +306,10 @@ impl Containerd {
             name: name.into(),
             uid,
         };
-        eprintln!("RunPodSandbox {name}: {id} {ip} in {ns_name} ({took:?})");
+        eprintln!(
+            "RunPodSandbox {name}: {id} {ip} in {ns_name} ({took:?}); sandbox cgroup in v2: {}",
+            cgroup.path.join(&id).exists()
+        );
         CriPod {
             ctd: self,
             pod: Some(SimPod {
@@ -328,22 +345,19 @@ impl Drop for Containerd {
             }
         }
         self.cri = None;
+        // Shims exit on their own once their sandbox is removed; let
+        // containerd (their subreaper) see them go before it stops.
+        let socket = self.socket.to_str().unwrap().to_owned();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !pids_with_arg(&socket).is_empty() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(20));
+        }
         stop_child(&mut self.child, "containerd");
         // Containers whose shim outlived containerd, then the shims.
-        let runc_root = self.state.join("runc").join("k8s.io");
-        if runc_root.is_dir() {
-            for id in runc_ids(&runc_root) {
-                cleanup(&[
-                    "runc",
-                    "--root",
-                    runc_root.to_str().unwrap(),
-                    "delete",
-                    "--force",
-                    &id,
-                ]);
-            }
+        for id in runc_ids(&self.runc_root()) {
+            self.force_delete(&id);
         }
-        for pid in pids_with_arg(self.socket.to_str().unwrap()) {
+        for pid in pids_with_arg(&socket) {
             eprintln!("cleanup: killing shim {pid}");
             if let Err(e) = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL) {
                 eprintln!("cleanup: kill {pid}: {e}");
@@ -361,14 +375,9 @@ impl Drop for Containerd {
             }
             remove_dir_all(dir);
         }
+        // Nobody else's: the sockets of shims that had to be killed go too.
         if self.made_run_containerd {
-            for d in ["/run/containerd/s", "/run/containerd"] {
-                if let Err(e) = std::fs::remove_dir(d)
-                    && e.kind() != std::io::ErrorKind::NotFound
-                {
-                    eprintln!("cleanup {d}: {e}");
-                }
-            }
+            remove_dir_all(Path::new("/run/containerd"));
         }
         remove_dir_all(&self.dir);
     }
@@ -423,15 +432,23 @@ impl std::ops::Deref for CriPod<'_> {
 impl Drop for CriPod<'_> {
     fn drop(&mut self) {
         let cri = self.ctd.cri();
+        let mut failed = false;
         if !self.stopped
             && let Err(e) = cri.stop_pod_sandbox(&self.id)
         {
             eprintln!("cleanup: StopPodSandbox {}: {}", self.id, chain(&e));
+            failed = true;
         }
         if !self.removed
             && let Err(e) = cri.remove_pod_sandbox(&self.id)
         {
             eprintln!("cleanup: RemovePodSandbox {}: {}", self.id, chain(&e));
+            failed = true;
+        }
+        if failed {
+            // The sandbox's process must leave the pod's cgroups before
+            // they can go; the rest is Containerd's guard's.
+            self.ctd.force_delete(&self.id);
         }
         if let Some(SimPod { ns, cgroup, .. }) = self.pod.take() {
             // The netns is containerd's: it removed it (or Containerd's

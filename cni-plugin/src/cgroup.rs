@@ -134,17 +134,97 @@ pub fn layouts(uid: &PodUid) -> [(PathBuf, Driver, Qos); 6] {
     ]
 }
 
-/// Finds the pod's directory under `root` (a cgroup2 root, see [`resolve_root`]). The UID is a
-/// validated [`PodUid`], so nothing in it can leave `root`.
+/// The same layouts under a kubelet `--cgroup-root` of one component (kind
+/// runs kubelet with `cgroupRoot: /kubelet`): `<x>/kubepods/...` with
+/// cgroupfs, `<x>.slice/<x>-kubepods.slice/<x>-kubepods-<qos>-pod<uid>.slice`
+/// with systemd. `dir` is the root's entry (`kubelet` or `kubelet.slice`).
+pub fn prefixed_layouts(dir: &str, uid: &PodUid) -> Vec<(PathBuf, Driver, Qos)> {
+    let raw = uid.as_str();
+    let escaped = uid.systemd_escaped();
+    match dir.strip_suffix(".slice") {
+        Some(prefix) => vec![
+            (
+                PathBuf::from(format!(
+                    "{dir}/{prefix}-kubepods.slice/{prefix}-kubepods-pod{escaped}.slice"
+                )),
+                Driver::Systemd,
+                Qos::Guaranteed,
+            ),
+            (
+                PathBuf::from(format!(
+                    "{dir}/{prefix}-kubepods.slice/{prefix}-kubepods-burstable.slice/\
+                     {prefix}-kubepods-burstable-pod{escaped}.slice"
+                )),
+                Driver::Systemd,
+                Qos::Burstable,
+            ),
+            (
+                PathBuf::from(format!(
+                    "{dir}/{prefix}-kubepods.slice/{prefix}-kubepods-besteffort.slice/\
+                     {prefix}-kubepods-besteffort-pod{escaped}.slice"
+                )),
+                Driver::Systemd,
+                Qos::BestEffort,
+            ),
+        ],
+        None => vec![
+            (
+                PathBuf::from(format!("{dir}/kubepods/pod{raw}")),
+                Driver::Cgroupfs,
+                Qos::Guaranteed,
+            ),
+            (
+                PathBuf::from(format!("{dir}/kubepods/burstable/pod{raw}")),
+                Driver::Cgroupfs,
+                Qos::Burstable,
+            ),
+            (
+                PathBuf::from(format!("{dir}/kubepods/besteffort/pod{raw}")),
+                Driver::Cgroupfs,
+                Qos::BestEffort,
+            ),
+        ],
+    }
+}
+
+/// Finds the pod's directory under `root` (a cgroup2 root, see [`resolve_root`]): kubelet's
+/// layouts directly under it first, then under each top-level directory (a kubelet
+/// `--cgroup-root`, as kind's `/kubelet`). The UID is a validated [`PodUid`], so nothing in it
+/// can leave `root`.
 pub fn find_pod_cgroup(root: &Path, uid: &PodUid) -> Result<PodCgroup, CgroupError> {
-    for (relative, driver, qos) in layouts(uid) {
+    let probe = |relative: PathBuf, driver, qos| -> Result<Option<PodCgroup>, CgroupError> {
         let path = root.join(relative);
         match std::fs::symlink_metadata(&path) {
-            Ok(meta) if meta.is_dir() => return Ok(PodCgroup { path, driver, qos }),
-            Ok(_) => {}
+            Ok(meta) if meta.is_dir() => Ok(Some(PodCgroup { path, driver, qos })),
+            Ok(_) => Ok(None),
             Err(err)
-                if err.kind() == io::ErrorKind::NotFound || err.raw_os_error() == Some(libc::ENOTDIR) => {}
-            Err(source) => return Err(CgroupError::Inspect { path, source }),
+                if err.kind() == io::ErrorKind::NotFound || err.raw_os_error() == Some(libc::ENOTDIR) =>
+            {
+                Ok(None)
+            }
+            Err(source) => Err(CgroupError::Inspect { path, source }),
+        }
+    };
+    for (relative, driver, qos) in layouts(uid) {
+        if let Some(found) = probe(relative, driver, qos)? {
+            return Ok(found);
+        }
+    }
+    let entries = std::fs::read_dir(root).map_err(|source| CgroupError::Inspect {
+        path: root.to_owned(),
+        source,
+    })?;
+    for entry in entries.flatten() {
+        let Ok(name) = entry.file_name().into_string() else {
+            continue;
+        };
+        if !entry.file_type().is_ok_and(|t| t.is_dir()) || name.starts_with("kubepods") {
+            continue;
+        }
+        for (relative, driver, qos) in prefixed_layouts(&name, uid) {
+            if let Some(found) = probe(relative, driver, qos)? {
+                return Ok(found);
+            }
         }
     }
     Err(CgroupError::PodNotFound {
@@ -501,6 +581,26 @@ mod tests {
             );
             let resolved = resolve_root(&mount).expect("the mount resolves to itself");
             assert_eq!(resolved, mount);
+        }
+    }
+
+    #[test]
+    fn finds_pods_under_a_kubelet_cgroup_root_as_on_kind() {
+        let uid = PodUid::parse("0b3c4d5e-1111-2222-3333-444455556666").unwrap();
+        let esc = uid.systemd_escaped();
+        for rel in [
+            format!(
+                "kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-besteffort.slice/\
+                 kubelet-kubepods-besteffort-pod{esc}.slice"
+            ),
+            format!("kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-pod{esc}.slice"),
+            format!("kubelet/kubepods/burstable/pod{}", uid.as_str()),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::create_dir_all(dir.path().join("system.slice")).unwrap();
+            std::fs::create_dir_all(dir.path().join(&rel)).unwrap();
+            let found = find_pod_cgroup(dir.path(), &uid).unwrap_or_else(|e| panic!("{rel}: {e}"));
+            assert_eq!(found.path, dir.path().join(&rel));
         }
     }
 }

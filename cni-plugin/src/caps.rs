@@ -99,14 +99,13 @@ pub fn check() -> Result<(), CapsError> {
 pub fn require() -> Result<(), CniError> {
     check().map_err(|e| {
         let reason = match &e {
-            CapsError::Missing { missing } => match (
-                missing.contains(&CAP_NET_ADMIN),
-                missing.contains(&CAP_SYS_ADMIN),
-            ) {
-                (true, true) => "it lacks the capabilities CAP_NET_ADMIN and CAP_SYS_ADMIN",
-                (true, false) => "it lacks the capability CAP_NET_ADMIN",
-                _ => "it lacks the capability CAP_SYS_ADMIN",
-            },
+            CapsError::Missing { missing } => {
+                match (missing.contains(&CAP_NET_ADMIN), missing.contains(&CAP_SYS_ADMIN)) {
+                    (true, true) => "it lacks the capabilities CAP_NET_ADMIN and CAP_SYS_ADMIN",
+                    (true, false) => "it lacks the capability CAP_NET_ADMIN",
+                    _ => "it lacks the capability CAP_SYS_ADMIN",
+                }
+            }
             CapsError::Read(_) | CapsError::NoCapEff => "its capabilities cannot be read",
         };
         CniError::NotAvailable {
@@ -140,7 +139,10 @@ mod tests {
         // CAP_BPF (39) alone does not replace CAP_SYS_ADMIN: setns needs the latter.
         assert_eq!(missing((1 << 12) | (1 << 39)), vec![CAP_SYS_ADMIN]);
         let msg = CapsError::Missing { missing: missing(0) }.to_string();
-        assert!(msg.contains("CAP_NET_ADMIN (for") && msg.contains("and CAP_SYS_ADMIN (for"), "{msg}");
+        assert!(
+            msg.contains("CAP_NET_ADMIN (for") && msg.contains("and CAP_SYS_ADMIN (for"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -154,6 +156,9 @@ mod tests {
         let reply = e.reply("1.1.0");
         assert_eq!(reply.code, 50);
         assert!(reply.msg.contains("CAP_SYS_ADMIN"), "{reply:?}");
-        assert!(reply.details.contains("entering the pod's network namespace"), "{reply:?}");
+        assert!(
+            reply.details.contains("entering the pod's network namespace"),
+            "{reply:?}"
+        );
     }
 }

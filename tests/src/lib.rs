@@ -18,6 +18,7 @@ use std::{
 
 pub mod cni;
 pub mod cri;
+pub mod fixtures;
 pub mod node;
 
 use meshbypass_ebpf::{Counter, Mode, Node, PodEntry, counters::Counters};

@@ -77,7 +77,8 @@ pub fn attach(config: &Config, att: &Attachment, ips: &[IpAddr], cookie: u64) ->
         Ok(node) => node,
         Err(e) => return skipped(format!("the node's maps cannot be loaded: {e}")),
     };
-    let id = att.container_id.as_str();
+    let stem = att.container_id.stem();
+    let id = stem.as_str();
     if let Err(e) = node.attach_cgroup(&pod_cgroup, id) {
         return skipped(format!("{e}"));
     }

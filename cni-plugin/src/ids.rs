@@ -50,6 +50,21 @@ impl ContainerId {
         Ok(Self(value.to_owned()))
     }
 
+    /// The name used for files and pins of this container (state record,
+    /// link pin): the ID itself, or for IDs over 200 bytes (valid, but a
+    /// `<id>.json` would pass the 255-byte file name limit) its first 180
+    /// bytes and a 64-bit FNV-1a hash of the whole.
+    pub fn stem(&self) -> String {
+        let id = self.as_str();
+        if id.len() <= 200 {
+            return id.to_owned();
+        }
+        let hash = id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+        format!("{}-{hash:016x}", &id[..180])
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }

@@ -28,7 +28,19 @@ fn netns_err(netns: &Path, e: impl std::error::Error + Send + Sync + 'static) ->
 
 /// Runs `program args` with `input` on stdin; stdout on success.
 fn run(program: &str, args: &[&str], input: Option<&str>) -> io::Result<String> {
-    let mut child = Command::new(program)
+    let mut cmd = Command::new(program);
+    // A runtime that kills the plugin (its CNI deadline) must take the
+    // restore with it: an orphan could commit the rules after DEL read them.
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd
         .args(args)
         .stdin(if input.is_some() {
             Stdio::piped()

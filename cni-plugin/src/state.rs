@@ -63,7 +63,11 @@ impl StateDir {
     }
 
     fn path(&self, id: &ContainerId) -> PathBuf {
-        self.dir.join(format!("{}.json", id.as_str()))
+        self.dir.join(format!("{}.json", id.stem()))
+    }
+
+    fn tmp_prefix(id: &ContainerId) -> String {
+        format!(".{}.tmp-", id.stem())
     }
 
     pub fn save(&self, state: &PodState, id: &ContainerId) -> Result<(), StateError> {
@@ -92,8 +96,26 @@ impl StateDir {
         }
     }
 
-    /// Removes the record; absent is fine (DEL runs any number of times).
+    /// Removes the record, and temp files an ADD killed while writing it
+    /// left; absent is fine (DEL runs any number of times).
     pub fn remove(&self, id: &ContainerId) -> Result<(), StateError> {
+        let prefix = Self::tmp_prefix(id);
+        if let Ok(entries) = fs::read_dir(&self.dir) {
+            for entry in entries.flatten() {
+                if entry.file_name().to_str().is_some_and(|n| n.starts_with(&prefix)) {
+                    match fs::remove_file(entry.path()) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                        Err(source) => {
+                            return Err(StateError::Write {
+                                path: entry.path(),
+                                source,
+                            });
+                        }
+                    }
+                }
+            }
+        }
         let path = self.path(id);
         match fs::remove_file(&path) {
             Ok(()) => Ok(()),
@@ -102,7 +124,7 @@ impl StateDir {
         }
     }
 
-    /// The container IDs with a record.
+    /// The stems ([`ContainerId::stem`]) of the containers with a record.
     pub fn list(&self) -> Result<Vec<ContainerId>, StateError> {
         let entries = match fs::read_dir(&self.dir) {
             Ok(e) => e,

@@ -626,7 +626,6 @@ fn refuses_to_run_without_its_capabilities() {
 /// Run with `--ignored` to reproduce; it passes once IDs that long are either
 /// refused with code 4 on every command or recorded under a shorter name.
 #[test]
-#[ignore = "known bug: DEL of a 251-256 byte container ID fails with ENAMETOOLONG"]
 fn del_of_a_long_but_valid_container_id_succeeds() {
     let dirs = Dirs::new();
     std::fs::create_dir_all(dirs.dir.path().join("state")).unwrap();

@@ -13,6 +13,7 @@
 
 #define AF_INET 2
 #define AF_INET6 10
+#define MB_EEXIST 17
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -269,13 +270,16 @@ static __always_inline void on_established(struct bpf_sock_ops *skops, int activ
 		/* First end: wait, in the maps our own class allows. */
 		if (!join_maps(skops, st, can_rx, can_tx))
 			return;
-		if (bpf_map_update_elem(&mb_endpoints, &ek, &ev, BPF_NOEXIST)) {
-			/* The other end raced us in; it will find no entry and
-			 * wait itself. Nobody pairs: stay on the stack. */
+		long err = bpf_map_update_elem(&mb_endpoints, &ek, &ev, BPF_NOEXIST);
+
+		if (err) {
+			/* -EEXIST: the other end raced us in and waits itself;
+			 * otherwise the map is full. Nobody pairs: stay on the
+			 * stack. */
 			bpf_map_delete_elem(&mb_tx, &st->self);
 			bpf_map_delete_elem(&mb_rx, &st->self);
 			st->flags &= ~MB_SK_IN_RX;
-			count(MB_CTR_PAIRS_REFUSED, 1);
+			count(err == -MB_EEXIST ? MB_CTR_PAIRS_REFUSED : MB_CTR_MAP_FULL, 1);
 			return;
 		}
 		st->ep = ek;

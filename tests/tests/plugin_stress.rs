@@ -374,7 +374,6 @@ fn add_killed_at_any_point_then_del_leaves_nothing() {
 /// commits are atomic, so a killed restore either committed before DEL looks
 /// or never does.
 #[test]
-#[ignore = "known bug: an orphaned iptables-restore of a killed ADD commits after DEL"]
 fn add_killed_then_immediate_del_leaves_no_rules() {
     let node = stress_node();
     let mut warm = SimPod::new("warm", false);
@@ -405,7 +404,6 @@ fn is_temp_record(leak: &str) -> bool {
 /// ADD, on tmpfs until reboot). A fix: DEL (and GC) also remove
 /// `.<id>.tmp-*`.
 #[test]
-#[ignore = "known bug: a killed ADD leaves its temporary record file behind"]
 fn add_killed_while_recording_leaves_no_temp_file() {
     let node = stress_node();
     let mut warm = SimPod::new("warm", false);

@@ -131,7 +131,7 @@ pub fn run(env: &Env, config: &Config) -> Result<String, CniError> {
         if let Err(undo) = redirect::remove(netns) {
             warn!("undo after a failed ADD: {undo}");
         }
-        if let Err(undo) = bypass::remove(&config.bpf_root, att.container_id.as_str(), cookie) {
+        if let Err(undo) = bypass::remove(&config.bpf_root, &att.container_id.stem(), cookie) {
             warn!("undo after a failed ADD: {undo}");
         }
         if let Err(undo) = states.remove(&att.container_id) {

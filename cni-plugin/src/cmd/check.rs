@@ -70,10 +70,10 @@ pub fn run(env: &Env, config: &Config) -> Result<(), CniError> {
         action: "open the node's maps",
         source: Box::new(e),
     })?;
-    if !node.links().iter().any(|l| l == att.container_id.as_str()) {
+    if !node.links().iter().any(|l| *l == att.container_id.stem()) {
         return Err(missing(format!(
             "the bypass link {} is missing",
-            node.pins().link(att.container_id.as_str()).display()
+            node.pins().link(&att.container_id.stem()).display()
         )));
     }
     let pod = node

@@ -30,7 +30,7 @@ pub fn run(env: &Env, config: &Config) -> Result<(), CniError> {
         // No record (ADD crashed before writing it): the live netns knows.
         live.and_then(|ns| netns::cookie_of(ns).ok())
     });
-    bypass::remove(&config.bpf_root, att.container_id.as_str(), cookie)?;
+    bypass::remove(&config.bpf_root, &att.container_id.stem(), cookie)?;
     states.remove(&att.container_id).map_err(|e| CniError::Internal {
         action: "removing the pod's record",
         source: Box::new(e),

@@ -14,7 +14,9 @@ pub fn run(config: &Config) -> Result<(), CniError> {
         problem: "GC without cni.dev/valid-attachments",
         fix: "the runtime must pass the list of attachments to keep",
     })?;
-    let keep: HashSet<&str> = valid.iter().map(|a| a.container_id.as_str()).collect();
+    // Records and links are named by stem (the ID, or a hash for very long ones).
+    let keep_stems: HashSet<String> = valid.iter().map(|a| a.container_id.stem()).collect();
+    let keep: HashSet<&str> = keep_stems.iter().map(String::as_str).collect();
     let states = StateDir::new(&config.state_dir);
     let ids = states.list().map_err(|e| CniError::Internal {
         action: "listing the pod records",

@@ -101,10 +101,7 @@ pub enum KubeconfigError {
 
 /// Reads and resolves the kubeconfig at `path`, with the files it names.
 pub fn load(path: &Path) -> Result<ApiAccess, KubeconfigError> {
-    let text = fs::read(path).map_err(|source| KubeconfigError::Read {
-        path: path.into(),
-        source,
-    })?;
+    let text = read_bounded(path)?;
     let raw: RawKubeconfig =
         serde_yaml_ng::from_slice(&text).map_err(|source| KubeconfigError::Parse { source })?;
     let base = path.parent().unwrap_or(Path::new("/"));
@@ -401,8 +398,27 @@ fn base64_decode(key: &'static str, data: &str) -> Result<Vec<u8>, KubeconfigErr
 
 /// A file the kubeconfig names, relative to the kubeconfig's directory unless absolute.
 fn read(base: &Path, file: &Path) -> Result<Vec<u8>, KubeconfigError> {
-    let path = base.join(file);
-    fs::read(&path).map_err(|source| KubeconfigError::Read { path, source })
+    read_bounded(&base.join(file))
+}
+
+/// Kubeconfigs, tokens and certificates are kilobytes: 4 MiB bounds a
+/// misconfigured path (a device, a log) without limiting real files.
+const MAX_FILE: u64 = 4 << 20;
+
+fn read_bounded(path: &Path) -> Result<Vec<u8>, KubeconfigError> {
+    use std::io::Read;
+    let err = |source| KubeconfigError::Read {
+        path: path.into(),
+        source,
+    };
+    let mut buf = Vec::new();
+    fs::File::open(path)
+        .and_then(|f| f.take(MAX_FILE + 1).read_to_end(&mut buf))
+        .map_err(err)?;
+    if buf.len() as u64 > MAX_FILE {
+        return Err(err(std::io::Error::other("larger than 4 MiB: not a kubeconfig")));
+    }
+    Ok(buf)
 }
 
 #[cfg(test)]

@@ -447,8 +447,14 @@ pub fn run_client_with(
 /// on drop.
 pub struct KubeCgroup {
     pub path: PathBuf,
-    created: Vec<PathBuf>,
+    /// Every directory on the path that this process created, pod dir last.
+    held: Vec<PathBuf>,
 }
+
+/// Directories this process created for kubelet's layout, with how many live
+/// guards sit under each: parents (`kubepods`, `kubepods/besteffort`) are
+/// shared by tests running at once, and the last guard out removes them.
+static CREATED: Mutex<Vec<(PathBuf, usize)>> = Mutex::new(Vec::new());
 
 impl KubeCgroup {
     /// `rel` is relative to the cgroup2 mount, e.g.
@@ -456,16 +462,21 @@ impl KubeCgroup {
     pub fn new(rel: &str) -> Self {
         let root = meshbypass_ebpf::cgroup2::mount_point().expect("no cgroup2 mount on this host");
         let path = root.join(rel);
-        let mut created = Vec::new();
+        let mut held = Vec::new();
+        let mut created = CREATED.lock().unwrap_or_else(|e| e.into_inner());
         let mut cur = root.clone();
         for part in Path::new(rel).components() {
             cur = cur.join(part);
-            if !cur.exists() {
+            if let Some(entry) = created.iter_mut().find(|(p, _)| *p == cur) {
+                entry.1 += 1;
+                held.push(cur.clone());
+            } else if !cur.exists() {
                 std::fs::create_dir(&cur).unwrap_or_else(|e| panic!("mkdir {}: {e}", cur.display()));
-                created.push(cur.clone());
+                created.push((cur.clone(), 1));
+                held.push(cur.clone());
             }
         }
-        Self { path, created }
+        Self { path, held }
     }
 
     pub fn place<'a>(&'a self, ns: &'a Netns, uid: Option<u32>) -> Place<'a> {
@@ -479,7 +490,17 @@ impl KubeCgroup {
 
 impl Drop for KubeCgroup {
     fn drop(&mut self) {
-        for dir in self.created.iter().rev() {
+        let mut created = CREATED.lock().unwrap_or_else(|e| e.into_inner());
+        for dir in self.held.iter().rev() {
+            let Some(i) = created.iter().position(|(p, _)| p == dir) else {
+                continue;
+            };
+            created[i].1 -= 1;
+            if created[i].1 > 0 {
+                continue;
+            }
+            created.remove(i);
+            // Processes may take a moment to leave after being killed.
             let deadline = Instant::now() + Duration::from_secs(5);
             loop {
                 match std::fs::remove_dir(dir) {

@@ -84,6 +84,28 @@ fn is_not_found(e: &MapError) -> bool {
         || matches!(e, MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::ENOENT))
 }
 
+/// Removes `keys` from `map`; absent ones are fine. Returns how many went.
+fn remove_keys<K: aya::Pod, V: aya::Pod>(
+    map: &mut aya::maps::HashMap<aya::maps::MapData, K, V>,
+    keys: impl IntoIterator<Item = K>,
+    what: impl Fn(&K) -> String,
+) -> Result<usize, PodError> {
+    let mut n = 0;
+    for k in keys {
+        match map.remove(&k) {
+            Ok(()) => n += 1,
+            Err(e) if is_not_found(&e) => {}
+            Err(source) => {
+                return Err(PodError::Remove {
+                    what: what(&k),
+                    source,
+                });
+            }
+        }
+    }
+    Ok(n)
+}
+
 impl Node {
     /// Registers (or updates) a pod: IPs first, netns last, so the datapath
     /// never sees the pod half-written.
@@ -114,17 +136,7 @@ impl Node {
     /// entry of its sockets or pointing at them. Absent entries are fine:
     /// DEL may run any number of times.
     pub fn unregister_pod(&mut self, netns_cookie: u64) -> Result<Removed, PodError> {
-        let mut removed = Removed::default();
-        match self.netns.remove(&netns_cookie) {
-            Ok(()) => removed.netns = 1,
-            Err(e) if is_not_found(&e) => {}
-            Err(source) => {
-                return Err(PodError::Remove {
-                    what: format!("netns {netns_cookie}"),
-                    source,
-                });
-            }
-        }
+        let netns = remove_keys(&mut self.netns, [netns_cookie], |c| format!("netns {c}"))?;
         let ips: Vec<Addr> = self
             .pods
             .iter()
@@ -132,18 +144,7 @@ impl Node {
             .filter(|(_, pod)| pod.netns == netns_cookie)
             .map(|(ip, _)| ip)
             .collect();
-        for ip in ips {
-            match self.pods.remove(&ip) {
-                Ok(()) => removed.ips += 1,
-                Err(e) if is_not_found(&e) => {}
-                Err(source) => {
-                    return Err(PodError::Remove {
-                        what: ip.to_ip().to_string(),
-                        source,
-                    });
-                }
-            }
-        }
+        let ips = remove_keys(&mut self.pods, ips, |ip| ip.to_ip().to_string())?;
         let pairs: Vec<_> = self
             .pairs
             .iter()
@@ -151,18 +152,7 @@ impl Node {
             .filter(|(k, p)| k.netns == netns_cookie || p.peer.netns == netns_cookie)
             .map(|(k, _)| k)
             .collect();
-        for k in pairs {
-            match self.pairs.remove(&k) {
-                Ok(()) => removed.pairs += 1,
-                Err(e) if is_not_found(&e) => {}
-                Err(source) => {
-                    return Err(PodError::Remove {
-                        what: "a pair".into(),
-                        source,
-                    });
-                }
-            }
-        }
+        let pairs = remove_keys(&mut self.pairs, pairs, |_| "a pair".into())?;
         let endpoints: Vec<_> = self
             .endpoints
             .iter()
@@ -170,19 +160,13 @@ impl Node {
             .filter(|(k, e)| k.netns == netns_cookie || e.key.netns == netns_cookie)
             .map(|(k, _)| k)
             .collect();
-        for k in endpoints {
-            match self.endpoints.remove(&k) {
-                Ok(()) => removed.endpoints += 1,
-                Err(e) if is_not_found(&e) => {}
-                Err(source) => {
-                    return Err(PodError::Remove {
-                        what: "an endpoint".into(),
-                        source,
-                    });
-                }
-            }
-        }
-        Ok(removed)
+        let endpoints = remove_keys(&mut self.endpoints, endpoints, |_| "an endpoint".into())?;
+        Ok(Removed {
+            netns,
+            ips,
+            pairs,
+            endpoints,
+        })
     }
 
     /// The pod registered for a netns, if any.

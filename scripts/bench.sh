@@ -8,6 +8,6 @@ if [[ $(id -u) != 0 ]]; then
   exit 1
 fi
 scripts/deps.sh
-cargo build --release --locked --workspace -q
+cargo build --release --locked -q -p meshbypass-bench -p meshbypass-node -p meshbypass-cni
 target/release/mesh-bench "$@"
 target/release/cni-latency --runs 200 --json bench/results/cni-latency.json

@@ -10,5 +10,5 @@ if [[ $(id -u) != 0 ]]; then
 fi
 scripts/deps.sh
 echo "building (release)..."
-cargo build --release --locked --workspace -q
+cargo build --release --locked -q -p meshbypass-bench -p meshbypass-node -p meshbypass-cni
 exec target/release/demo "$@"

@@ -17,6 +17,7 @@ use std::{
 };
 
 pub mod cni;
+#[cfg(feature = "cri")]
 pub mod cri;
 pub mod fixtures;
 pub mod node;

@@ -223,6 +223,12 @@ fn main() -> anyhow::Result<()> {
 
 fn listen(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     let l = TcpListener::bind(addr).with_context(|| format!("bind {addr}"))?;
+    // std listens with a backlog of 128; hundreds of simultaneous connects
+    // (the torture suite) would overflow it. listen(2) again raises it.
+    // SAFETY: listen(2) on a socket we own.
+    if unsafe { libc::listen(l.as_raw_fd(), 4096) } != 0 {
+        return Err(io::Error::last_os_error()).context("listen");
+    }
     println!("ready {}", l.local_addr()?.port());
     io::stdout().flush()?;
     Ok(l)

@@ -283,68 +283,7 @@ pub fn cgroup2_mount() -> Result<Option<PathBuf>, CgroupError> {
     Ok(cgroup2_mount_in(&text))
 }
 
-/// One line of `/proc/<pid>/mountinfo` (proc(5)), the fields we use.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Mount {
-    /// The mounted filesystem's directory that appears at `mount_point` ("/" for all of it).
-    pub root: PathBuf,
-    pub mount_point: PathBuf,
-    pub fs_type: String,
-}
-
-/// Parses mountinfo text; malformed lines are skipped.
-pub fn parse_mountinfo(text: &str) -> Vec<Mount> {
-    text.lines()
-        .filter_map(|line| {
-            // id parent major:minor root mount-point options [optional…] - fstype source super
-            let (before, after) = line.split_once(" - ")?;
-            let fields: Vec<&str> = before.split(' ').collect();
-            let fs_type = after.split(' ').next()?;
-            Some(Mount {
-                root: PathBuf::from(unescape(fields.get(3)?)),
-                mount_point: PathBuf::from(unescape(fields.get(4)?)),
-                fs_type: fs_type.to_owned(),
-            })
-        })
-        .collect()
-}
-
-/// The cgroup2 mount point to use: the first one showing the whole hierarchy (root "/"), else
-/// the first at all.
-pub fn cgroup2_mount_in(mountinfo: &str) -> Option<PathBuf> {
-    let mounts: Vec<Mount> = parse_mountinfo(mountinfo)
-        .into_iter()
-        .filter(|mount| mount.fs_type == "cgroup2")
-        .collect();
-    mounts
-        .iter()
-        .find(|mount| mount.root == Path::new("/"))
-        .or(mounts.first())
-        .map(|mount| mount.mount_point.clone())
-}
-
-/// Undoes the kernel's octal escapes in mountinfo paths (`\040` space, `\011` tab, `\012`
-/// newline, `\134` backslash).
-fn unescape(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\'
-            && let Some(code) = bytes
-                .get(i + 1..i + 4)
-                .and_then(|digits| std::str::from_utf8(digits).ok())
-                .and_then(|digits| u8::from_str_radix(digits, 8).ok())
-        {
-            out.push(code);
-            i += 4;
-            continue;
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
+pub use meshbypass_ebpf::cgroup2::{Mount, cgroup2_mount_in, parse_mountinfo};
 
 #[cfg(test)]
 mod tests {
@@ -517,8 +456,6 @@ mod tests {
                 fs_type: "ext3".to_owned(),
             }]
         );
-        assert_eq!(unescape(r"a\134b\011c\012"), "a\\b\tc\n");
-        assert_eq!(unescape(r"trailing\04"), r"trailing\04");
     }
 
     #[test]

@@ -6,44 +6,73 @@ use std::{
     path::{Path, PathBuf},
 };
 
-/// The first cgroup2 mount point in this mount namespace.
+/// The cgroup2 mount point in this mount namespace (see [`cgroup2_mount_in`]).
 pub fn mount_point() -> Option<PathBuf> {
     let text = fs::read_to_string("/proc/self/mountinfo").ok()?;
-    parse_mountinfo(&text)
+    cgroup2_mount_in(&text)
 }
 
-/// The first cgroup2 mount point in mountinfo text (proc(5) format).
-pub fn parse_mountinfo(text: &str) -> Option<PathBuf> {
-    text.lines().find_map(|line| {
-        let (left, right) = line.split_once(" - ")?;
-        let fstype = right.split_whitespace().next()?;
-        if fstype != "cgroup2" {
-            return None;
-        }
-        let mount_point = left.split_whitespace().nth(4)?;
-        Some(PathBuf::from(unescape(mount_point)))
-    })
+/// One line of `/proc/<pid>/mountinfo` (proc(5)), the fields we use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    /// The mounted filesystem's directory that appears at `mount_point` ("/" for all of it).
+    pub root: PathBuf,
+    pub mount_point: PathBuf,
+    pub fs_type: String,
 }
 
-/// mountinfo escapes space, tab, newline and backslash as octal.
-fn unescape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let bytes = s.as_bytes();
+/// Parses mountinfo text; malformed lines are skipped.
+pub fn parse_mountinfo(text: &str) -> Vec<Mount> {
+    text.lines()
+        .filter_map(|line| {
+            // id parent major:minor root mount-point options [optional…] - fstype source super
+            let (before, after) = line.split_once(" - ")?;
+            let fields: Vec<&str> = before.split(' ').collect();
+            let fs_type = after.split(' ').next()?;
+            Some(Mount {
+                root: PathBuf::from(unescape(fields.get(3)?)),
+                mount_point: PathBuf::from(unescape(fields.get(4)?)),
+                fs_type: fs_type.to_owned(),
+            })
+        })
+        .collect()
+}
+
+/// The cgroup2 mount point to use: the first one showing the whole hierarchy (root "/"), else
+/// the first at all.
+pub fn cgroup2_mount_in(mountinfo: &str) -> Option<PathBuf> {
+    let mounts: Vec<Mount> = parse_mountinfo(mountinfo)
+        .into_iter()
+        .filter(|mount| mount.fs_type == "cgroup2")
+        .collect();
+    mounts
+        .iter()
+        .find(|mount| mount.root == Path::new("/"))
+        .or(mounts.first())
+        .map(|mount| mount.mount_point.clone())
+}
+
+/// Undoes the kernel's octal escapes in mountinfo paths (`\040` space, `\011` tab, `\012`
+/// newline, `\134` backslash).
+fn unescape(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'\\'
-            && i + 3 < bytes.len() + 1
-            && let Some(oct) = s.get(i + 1..i + 4)
-            && let Ok(v) = u8::from_str_radix(oct, 8)
+            && let Some(code) = bytes
+                .get(i + 1..i + 4)
+                .and_then(|digits| std::str::from_utf8(digits).ok())
+                .and_then(|digits| u8::from_str_radix(digits, 8).ok())
         {
-            out.push(v as char);
+            out.push(code);
             i += 4;
             continue;
         }
-        out.push(bytes[i] as char);
+        out.push(bytes[i]);
         i += 1;
     }
-    out
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Moves the calling process into the cgroup v2 directory `dir`.
@@ -68,14 +97,16 @@ mod tests {
 
     #[test]
     fn finds_cgroup2_on_hybrid_and_unified_hosts() {
-        assert_eq!(parse_mountinfo(HYBRID), Some("/sys/fs/cgroup/unified".into()));
-        assert_eq!(parse_mountinfo(UNIFIED), Some("/sys/fs/cgroup".into()));
-        assert_eq!(parse_mountinfo("1 2 0:1 / / rw - ext4 /dev/vda rw\n"), None);
+        assert_eq!(cgroup2_mount_in(HYBRID), Some("/sys/fs/cgroup/unified".into()));
+        assert_eq!(cgroup2_mount_in(UNIFIED), Some("/sys/fs/cgroup".into()));
+        assert_eq!(cgroup2_mount_in("1 2 0:1 / / rw - ext4 /dev/vda rw\n"), None);
     }
 
     #[test]
     fn unescapes_mount_points() {
         let line = "27 26 0:25 / /mnt/with\\040space rw - cgroup2 cgroup2 rw\n";
-        assert_eq!(parse_mountinfo(line), Some("/mnt/with space".into()));
+        assert_eq!(cgroup2_mount_in(line), Some("/mnt/with space".into()));
+        assert_eq!(unescape(r"a\134b\011c\012"), "a\\b\tc\n");
+        assert_eq!(unescape(r"trailing\04"), r"trailing\04");
     }
 }

@@ -488,18 +488,7 @@ impl V1Cgroups {
 impl Drop for V1Cgroups {
     fn drop(&mut self) {
         for dir in self.created.iter().rev() {
-            let deadline = Instant::now() + Duration::from_secs(5);
-            loop {
-                match std::fs::remove_dir(dir) {
-                    Ok(()) => break,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
-                    Err(e) if Instant::now() > deadline => {
-                        eprintln!("cleanup {}: {e}", dir.display());
-                        break;
-                    }
-                    Err(_) => thread::sleep(Duration::from_millis(20)),
-                }
-            }
+            crate::remove_cgroup_dir(dir);
         }
     }
 }

@@ -173,18 +173,23 @@ impl Cgroup {
 
 impl Drop for Cgroup {
     fn drop(&mut self) {
-        // Processes may take a moment to leave after being killed.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            match std::fs::remove_dir(&self.path) {
-                Ok(()) => return,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
-                Err(e) if Instant::now() > deadline => {
-                    eprintln!("cleanup {}: {e}", self.path.display());
-                    return;
-                }
-                Err(_) => thread::sleep(Duration::from_millis(20)),
+        remove_cgroup_dir(&self.path);
+    }
+}
+
+/// Removes a cgroup directory, waiting up to 5 s for killed processes to
+/// leave it; what cannot be removed is reported, not fatal (cleanup).
+pub fn remove_cgroup_dir(dir: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match std::fs::remove_dir(dir) {
+            Ok(()) => return,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(e) if Instant::now() > deadline => {
+                eprintln!("cleanup {}: {e}", dir.display());
+                return;
             }
+            Err(_) => thread::sleep(Duration::from_millis(20)),
         }
     }
 }
@@ -501,19 +506,7 @@ impl Drop for KubeCgroup {
                 continue;
             }
             created.remove(i);
-            // Processes may take a moment to leave after being killed.
-            let deadline = Instant::now() + Duration::from_secs(5);
-            loop {
-                match std::fs::remove_dir(dir) {
-                    Ok(()) => break,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
-                    Err(e) if Instant::now() > deadline => {
-                        eprintln!("cleanup {}: {e}", dir.display());
-                        break;
-                    }
-                    Err(_) => thread::sleep(Duration::from_millis(20)),
-                }
-            }
+            remove_cgroup_dir(dir);
         }
     }
 }

@@ -285,11 +285,13 @@ impl Mesh {
         let counters_before = self.node.counters();
         let cpu_before = busy_cpu_us();
         let started = Instant::now();
+        let profile = profile_start(mode, load, secs);
         let (ok, lines) = self
             .client
             .spawn(None, "wrk", &args)
             .finish_lines(Duration::from_secs(secs as u64 + 30));
         let wall = started.elapsed();
+        profile_finish(profile);
         let cpu = busy_cpu_us() - cpu_before;
         let redirected =
             self.node.counters().get(Counter::RedirectedMsgs) - counters_before.get(Counter::RedirectedMsgs);
@@ -390,5 +392,39 @@ pub fn median(mut xs: Vec<f64>) -> f64 {
         xs[m]
     } else {
         (xs[m - 1] + xs[m]) / 2.0
+    }
+}
+
+/// With `MESHBYPASS_BENCH_PERF=DIR`, each run is profiled system-wide
+/// (`perf record -a -g`) into `DIR/<load>--<mode>.data`, for `perf report`.
+fn profile_start(mode: &MeshMode, load: &Load, secs: u32) -> Option<std::process::Child> {
+    let dir = std::env::var_os("MESHBYPASS_BENCH_PERF")?;
+    let name: String = format!("{}--{}", load.name, mode.name)
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let out = std::path::Path::new(&dir).join(format!("{name}.data"));
+    std::fs::create_dir_all(&dir).ok()?;
+    std::process::Command::new("perf")
+        .args(["record", "-a", "-g", "-q", "-o"])
+        .arg(&out)
+        .args(["--", "sleep", &secs.to_string()])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| eprintln!("perf record: {e}"))
+        .ok()
+}
+
+fn profile_finish(child: Option<std::process::Child>) {
+    if let Some(mut c) = child
+        && let Err(e) = c.wait()
+    {
+        eprintln!("perf record: {e}");
     }
 }

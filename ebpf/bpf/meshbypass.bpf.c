@@ -8,6 +8,7 @@
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
+#include <bpf/bpf_core_read.h>
 
 #include "meshbypass_maps.h"
 
@@ -399,6 +400,61 @@ int mb_sockops(struct bpf_sock_ops *skops)
 	return 1;
 }
 
+/*
+ * Receive-queue bound. bpf_tcp_ingress() queues redirected data on the
+ * target's psock checked against tcp_mem only, never against the receiver's
+ * buffer: a stalled reader would let a fast writer pin memory without limit.
+ * After each redirect we read the target's queue (CO-RE against the running
+ * kernel's BTF; these types are the few fields we need, not the kernel's
+ * definitions) and, when it is over its bound, send the direction back to
+ * the stack for good: TCP's flow control then holds the writer, and order is
+ * kept because the receiver drains its redirect queue before the TCP one.
+ */
+struct sock___mb {
+	void *sk_user_data;
+	int sk_rcvbuf;
+} __attribute__((preserve_access_index));
+
+struct sk_psock___mb {
+	__u32 msg_tot_len;
+} __attribute__((preserve_access_index));
+
+/* The program's context is the kernel's struct sk_msg. */
+struct sk_msg___mb {
+	struct sock___mb *sk_redir;
+} __attribute__((preserve_access_index));
+
+#define MB_SK_USER_DATA_PSOCK 4UL  /* SK_USER_DATA_PSOCK: sk_user_data is a psock */
+#define MB_SK_USER_DATA_FLAGS 7UL  /* NOCOPY | BPF | PSOCK, tagged in the low bits */
+#define MB_QUEUE_FLOOR (1u << 20)  /* bound = max(receiver's sk_rcvbuf, 1 MiB) */
+
+/* Whether the socket this message was just redirected to holds more than its
+ * bound (this message not counted yet). 0 when the kernel has no msg_tot_len
+ * (before 6.14): there the bound is tcp_mem, as selftest reports. */
+static __always_inline int receiver_full(struct sk_msg_md *msg)
+{
+	struct sock___mb *t;
+	struct sk_psock___mb *ps;
+	__u64 ud = 0;
+	__u32 queued = 0;
+	int rcvbuf = 0;
+
+	if (!bpf_core_field_exists(struct sk_psock___mb, msg_tot_len))
+		return 0;
+	t = BPF_CORE_READ((struct sk_msg___mb *)msg, sk_redir);
+	if (!t)
+		return 0;
+	if (bpf_core_read(&ud, sizeof(ud), &t->sk_user_data) ||
+	    bpf_core_read(&rcvbuf, sizeof(rcvbuf), &t->sk_rcvbuf))
+		return 1; /* unreadable: the safe side */
+	if (!(ud & MB_SK_USER_DATA_PSOCK))
+		return 0;
+	ps = (void *)(ud & ~MB_SK_USER_DATA_FLAGS);
+	if (bpf_core_read(&queued, sizeof(queued), &ps->msg_tot_len))
+		return 1;
+	return queued > MB_QUEUE_FLOOR && queued > (__u32)rcvbuf;
+}
+
 static __always_inline int pass(struct mb_sk_state *st, __u32 size)
 {
 	struct mb_counters *c = counters();
@@ -454,10 +510,17 @@ int mb_sk_msg(struct sk_msg_md *msg)
 redirected:
 	{
 		struct mb_counters *c = counters();
+		/* This message goes to the peer regardless (a redirect cannot be
+		 * taken back); the direction's next ones take the stack. */
+		int full = receiver_full(msg);
 
+		if (full)
+			st->flags |= MB_SK_STICKY;
 		if (c) {
 			c->v[MB_CTR_REDIRECTED_MSGS] += 1;
 			c->v[MB_CTR_REDIRECTED_BYTES] += size;
+			c->v[MB_CTR_STICKY] += full;
+			c->v[MB_CTR_RECEIVER_FULL] += full;
 		}
 	}
 	return SK_PASS;

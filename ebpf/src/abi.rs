@@ -8,7 +8,7 @@ use std::{
 };
 
 /// `MB_LAYOUT_VERSION`: stamped into `mb_config` once every pin exists.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// `MB_KERNEL_PROBED`: a selftest verdict was recorded.
 pub const KERNEL_PROBED: u32 = 1 << 0;
@@ -20,7 +20,7 @@ pub const KERNEL_SAFE_ALL: u32 = 1 << 1;
 pub const KERNEL_SAFE_MEMBER: u32 = 1 << 5;
 
 /// `MB_KERNEL_HAZARD_*`: what the selftest found, by probe name.
-pub const KERNEL_HAZARDS: [(u32, &str, &str); 5] = [
+pub const KERNEL_HAZARDS: [(u32, &str, &str); 6] = [
     (
         1 << 2,
         "redirect",
@@ -48,6 +48,12 @@ pub const KERNEL_HAZARDS: [(u32, &str, &str); 5] = [
         "a blocking read() on a socket that is only a sender in the maps fails with EAGAIN when \
          woken without data: proxy-only and auto keep app sockets out of the maps \
          (sidecar-to-sidecar legs only)",
+    ),
+    (
+        1 << 8,
+        "slow-reader",
+        "redirected data is not bounded by the receiver (no psock msg_tot_len before Linux 6.14): \
+         a reader that stalls lets its writer fill memory up to tcp_mem",
     ),
 ];
 
@@ -265,6 +271,7 @@ pub enum Counter {
     RedirectFailed = 8,
     PassthroughBytes = 9,
     Sticky = 10,
+    ReceiverFull = 11,
 }
 
 /// `MB_CTR_MAX`: slots of `struct mb_counters`.
@@ -283,7 +290,7 @@ const _: () = assert!(size_of::<CounterBlock>() == 128);
 unsafe impl aya::Pod for CounterBlock {}
 
 impl Counter {
-    pub const ALL: [Counter; 11] = [
+    pub const ALL: [Counter; 12] = [
         Self::SocketsTracked,
         Self::PairsPlain,
         Self::PairsNat,
@@ -295,6 +302,7 @@ impl Counter {
         Self::RedirectFailed,
         Self::PassthroughBytes,
         Self::Sticky,
+        Self::ReceiverFull,
     ];
 
     /// The name used in `status --json` and in metrics.
@@ -311,6 +319,7 @@ impl Counter {
             Self::RedirectFailed => "redirect_failed",
             Self::PassthroughBytes => "passthrough_bytes",
             Self::Sticky => "sticky_directions",
+            Self::ReceiverFull => "receiver_full",
         }
     }
 }

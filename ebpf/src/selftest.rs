@@ -1,8 +1,10 @@
 //! The kernel hazard probe. In a private bpf root, cgroup and netns (a child
 //! process, killed at a deadline, so nothing here can hang the caller) it
 //! checks on the running kernel that (a) sk_msg redirection delivers, (b) a
-//! `splice()` reader receives redirected data, (c) FIONREAD counts it. `auto`
-//! redirects into non-proxy sockets only when all three pass.
+//! `splice()` reader receives redirected data, (c) FIONREAD counts it, (d) a
+//! blocking reader, target or mere sender, is not woken into EAGAIN, (e) a
+//! reader that does not read holds its writer back. `auto` redirects into
+//! non-proxy sockets only when all of them pass.
 
 use std::{
     fs,
@@ -252,12 +254,13 @@ pub fn probe_main(root: &Path, cgroup: &Path) -> io::Result<Vec<Probe>> {
     loopback_up()?;
     let cookie = netns::current_cookie().map_err(io::Error::other)?;
     let mut node = loader::Node::open(root).map_err(io::Error::other)?;
-    let probes: [(&str, ProbeFn, Setup); 5] = [
+    let probes: [(&str, ProbeFn, Setup); 6] = [
         ("redirect", probe_redirect, Setup::Targets),
         ("splice-reader", probe_splice, Setup::Targets),
         ("fionread", probe_fionread, Setup::Targets),
         ("blocking-read", probe_blocking_read, Setup::Targets),
         ("blocking-read-member", probe_blocking_read_member, Setup::Member),
+        ("slow-reader", probe_slow_reader, Setup::Targets),
     ];
     let mut out = Vec::new();
     for (name, f, setup) in probes {
@@ -305,7 +308,12 @@ fn connected_pair() -> io::Result<(TcpStream, TcpStream)> {
 }
 
 fn pattern(len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
+    pattern_at(0, len)
+}
+
+/// `len` bytes of the probe pattern from stream offset `at`.
+fn pattern_at(at: usize, len: usize) -> Vec<u8> {
+    (at..at + len).map(|i| (i * 7 + i / 251) as u8).collect()
 }
 
 fn probe_redirect(client: &mut TcpStream, server: &mut TcpStream) -> (Outcome, String) {
@@ -516,6 +524,51 @@ fn probe_blocking_read_member(client: &mut TcpStream, server: &mut TcpStream) ->
         return (Outcome::Fail, format!("warm-up read: {e}"));
     }
     probe_blocking_wakeup(client, server)
+}
+
+/// A reader that does not read must hold its writer back (the receive-queue
+/// bound in the sk_msg program), and every byte must arrive once it reads.
+fn probe_slow_reader(client: &mut TcpStream, server: &mut TcpStream) -> (Outcome, String) {
+    const CHUNK: usize = 64 * 1024;
+    const GIVE_UP: usize = 64 << 20;
+    // Plain TCP on loopback accepts a few MiB (both buffers, autotuned).
+    const BOUND: usize = 8 << 20;
+    if let Err(e) = client.set_nonblocking(true) {
+        return (Outcome::Fail, format!("nonblocking: {e}"));
+    }
+    let mut sent = 0;
+    while sent < GIVE_UP {
+        match client.write(&pattern_at(sent, CHUNK)) {
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => return (Outcome::Fail, format!("write after {sent} bytes: {e}")),
+        }
+    }
+    if let Err(e) = server.set_read_timeout(Some(Duration::from_secs(2))) {
+        return (Outcome::Fail, format!("timeout: {e}"));
+    }
+    let mut got = vec![0u8; sent];
+    if let Err(e) = server.read_exact(&mut got) {
+        return if e.kind() == io::ErrorKind::WouldBlock {
+            (Outcome::Hang, format!("{sent} bytes accepted, not all readable"))
+        } else {
+            (Outcome::Fail, format!("read: {e}"))
+        };
+    }
+    let mib = sent as f64 / f64::from(1u32 << 20);
+    if got != pattern_at(0, sent) {
+        (Outcome::Fail, format!("{mib:.1} MiB read back, bytes differ"))
+    } else if sent > BOUND {
+        (
+            Outcome::Fail,
+            format!("{mib:.1} MiB accepted while the reader did not read: unbounded"),
+        )
+    } else {
+        (
+            Outcome::Pass,
+            format!("the writer was held back after {mib:.1} MiB; all bytes intact"),
+        )
+    }
 }
 
 fn loopback_up() -> io::Result<()> {

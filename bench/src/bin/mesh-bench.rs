@@ -4,6 +4,12 @@
 //! medians; every run verified to be what it claims. Root only.
 //!
 //!   mesh-bench [--rounds N] [--secs S] [--quick] [--json FILE]
+//!              [--modes A,B] [--loads A,B]
+//!
+//! `--modes`/`--loads` keep the modes/loads whose name equals one of the
+//! comma-separated names (as printed in the table, e.g. `--modes
+//! sidecar,"sidecar + bypass(all)" --loads "c16 1k"`); the plain sidecar mesh
+//! is always kept, since every ratio is against it.
 
 use std::path::PathBuf;
 
@@ -19,6 +25,16 @@ fn main() -> anyhow::Result<()> {
     let mut secs = 3u32;
     let mut quick = false;
     let mut json_out = PathBuf::from("bench/results/latest.json");
+    let mut only_modes: Option<Vec<String>> = None;
+    let mut only_loads: Option<Vec<String>> = None;
+    let list = |v: Option<String>| -> Option<Vec<String>> {
+        Some(
+            v.unwrap_or_default()
+                .split(',')
+                .map(|s| s.trim().to_owned())
+                .collect(),
+        )
+    };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -26,10 +42,12 @@ fn main() -> anyhow::Result<()> {
             "--secs" => secs = args.next().unwrap_or_default().parse()?,
             "--quick" => quick = true,
             "--json" => json_out = args.next().unwrap_or_default().into(),
+            "--modes" => only_modes = list(args.next()),
+            "--loads" => only_loads = list(args.next()),
             other => anyhow::bail!("unknown argument {other}"),
         }
     }
-    let modes = [
+    let mut modes = vec![
         mesh::NO_MESH,
         mesh::SIDECAR,
         mesh::SIDECAR_ALL,
@@ -37,7 +55,7 @@ fn main() -> anyhow::Result<()> {
         mesh::SIDECAR_AUTO,
         mesh::NO_MESH_BYPASS,
     ];
-    let loads = if quick {
+    let mut loads = if quick {
         vec![Load::keepalive(16, "1k")]
     } else {
         vec![
@@ -50,6 +68,13 @@ fn main() -> anyhow::Result<()> {
             Load::per_request(16, "1k"),
         ]
     };
+    if let Some(keep) = &only_modes {
+        modes.retain(|m| m.name == mesh::SIDECAR.name || keep.iter().any(|k| k == m.name));
+    }
+    if let Some(keep) = &only_loads {
+        loads.retain(|l| keep.contains(&l.name));
+        anyhow::ensure!(!loads.is_empty(), "--loads matched no load");
+    }
     eprintln!("setting up the node, pods, nginx and sidecars...");
     let mut m = Mesh::start(true);
     let kernel = meshbypass_ebpf::selftest::kernel_release();

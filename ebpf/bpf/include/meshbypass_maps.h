@@ -11,7 +11,7 @@
 #include <linux/types.h>
 
 /* Stamped into mb_config by the shared loader once every pin exists. */
-#define MB_LAYOUT_VERSION 2
+#define MB_LAYOUT_VERSION 3
 
 /* Acceleration modes, as written by the plugin into struct mb_pod.mode. */
 #define MB_MODE_AUTO 0       /* all if the node's selftest passed, else proxy-only */
@@ -34,6 +34,7 @@
 #define MB_KERNEL_HAZARD_FIONREAD (1u << 4) /* FIONREAD misses redirected bytes */
 #define MB_KERNEL_HAZARD_BLOCKING (1u << 6) /* blocking read() on a target fails with EAGAIN */
 #define MB_KERNEL_HAZARD_MEMBER (1u << 7)   /* ... and on a mere sender (tx member) too */
+#define MB_KERNEL_HAZARD_QUEUE (1u << 8)    /* a reader that never reads does not hold the writer back */
 
 /* Counters: indexes into struct mb_counters.v (per CPU, summed by user space). */
 enum mb_counter {
@@ -48,6 +49,7 @@ enum mb_counter {
 	MB_CTR_REDIRECT_FAILED = 8,  /* a paired peer was gone at send: fell back, sticky */
 	MB_CTR_PASSTHROUGH_BYTES = 9,
 	MB_CTR_STICKY = 10,          /* directions pinned to the stack for their life */
+	MB_CTR_RECEIVER_FULL = 11,   /* directions sent back to the stack: the receiver's queue was over its bound */
 	MB_CTR_MAX = 16,
 };
 

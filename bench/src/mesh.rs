@@ -27,6 +27,10 @@ pub enum Route {
     Direct,
     /// Client app -> client sidecar -> server sidecar -> server app.
     Sidecars,
+    /// Client app -> a second client sidecar on loopback -> unix socket ->
+    /// a second server sidecar -> unix socket -> server app: the cheapest
+    /// kernel IPC between the proxies, a reference and not a product mode.
+    Unix,
 }
 
 #[derive(Clone, Copy, Debug, Serialize)]
@@ -67,6 +71,17 @@ pub const SIDECAR_AUTO: MeshMode = MeshMode {
     route: Route::Sidecars,
     accel: Mode::Auto,
 };
+
+/// The reference: the same sidecars (HAProxy, HTTP) joined by unix sockets
+/// instead of TCP on two of the three legs (`--reference`).
+pub const REFERENCE_UNIX: MeshMode = MeshMode {
+    name: "reference: unix-socket hops",
+    route: Route::Unix,
+    accel: Mode::Off,
+};
+
+/// The client-side listener of the unix-socket reference (loopback, not redirected).
+const UNIX_REF_PORT: u16 = 15101;
 
 /// One load shape.
 #[derive(Clone, Debug, Serialize)]
@@ -135,6 +150,9 @@ pub struct Mesh {
     nginx: Peer,
     pub sidecar_client: Sidecar,
     pub sidecar_server: Sidecar,
+    unix_client: Sidecar,
+    /// Held for its lifetime: the reference's server-side proxy.
+    _unix_server: Sidecar,
     pub client: SimPod,
     pub server: SimPod,
     pub node: SimNode,
@@ -195,7 +213,8 @@ impl Mesh {
                 "daemon off;\nmaster_process on;\nworker_processes 1;\nuser nobody nogroup;\n\
                  pid {}/nginx.pid;\nerror_log {}/error.log;\nevents {{ worker_connections 4096; }}\n\
                  http {{\n  access_log off;\n  sendfile on;\n  tcp_nopush on;\n  keepalive_requests 1000000;\n\
-                 server {{\n    listen 8080 reuseport;\n    listen 8081 reuseport;\n    root {};\n  }}\n}}\n",
+                 server {{\n    listen 8080 reuseport;\n    listen 8081 reuseport;\n    listen unix:{}/nginx.sock;\n    root {};\n  }}\n}}\n",
+                dir.display(),
                 dir.display(),
                 dir.display(),
                 docroot.display()
@@ -211,10 +230,31 @@ impl Mesh {
         server.wait_listen(8081);
         let sidecar_server = Sidecar::start(&server, 15006, "127.0.0.1:8080", true);
         let sidecar_client = Sidecar::start(&client, 15001, &format!("{}:8080", server.ip()), true);
+        // The unix-socket reference: nginx's socket is root's, the proxy is 1337.
+        let nginx_sock = dir.join("nginx.sock");
+        wait_path(&nginx_sock);
+        std::fs::set_permissions(&nginx_sock, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
+        let hop = dir.join("sidecar.sock");
+        let unix_server = Sidecar::start_addr(
+            &server,
+            &format!("unix@{}", hop.display()),
+            &format!("unix@{}", nginx_sock.display()),
+            true,
+        );
+        wait_path(&hop);
+        let unix_client = Sidecar::start_addr(
+            &client,
+            &format!("127.0.0.1:{UNIX_REF_PORT}"),
+            &format!("unix@{}", hop.display()),
+            true,
+        );
+        client.wait_listen(UNIX_REF_PORT);
         Self {
             nginx,
             sidecar_client,
             sidecar_server,
+            unix_client,
+            _unix_server: unix_server,
             client,
             server,
             node,
@@ -256,11 +296,11 @@ impl Mesh {
     pub fn run(&mut self, mode: &MeshMode, load: &Load, secs: u32) -> Sample {
         self.set_mode(mode.accel);
         self.restart_sidecars();
-        let port = match mode.route {
-            Route::Direct => 8081,
-            Route::Sidecars => 8080,
+        let url = match mode.route {
+            Route::Direct => format!("http://{}:8081/{}", self.server.ip(), load.size),
+            Route::Sidecars => format!("http://{}:8080/{}", self.server.ip(), load.size),
+            Route::Unix => format!("http://127.0.0.1:{UNIX_REF_PORT}/{}", load.size),
         };
-        let url = format!("http://{}:{port}/{}", self.server.ip(), load.size);
         let threads = load.conns.clamp(1, 2).to_string();
         let conns = load.conns.to_string();
         let dur = format!("{secs}s");
@@ -281,7 +321,11 @@ impl Mesh {
             args.extend(["-H", "Connection: close"]);
         }
         args.push(&url);
-        let sessions_before = self.sidecar_client.sessions();
+        let entry = match mode.route {
+            Route::Unix => &self.unix_client,
+            _ => &self.sidecar_client,
+        };
+        let sessions_before = entry.sessions();
         let counters_before = self.node.counters();
         let cpu_before = busy_cpu_us();
         let started = Instant::now();
@@ -298,7 +342,11 @@ impl Mesh {
         let counters_after = self.node.counters();
         let passthrough =
             counters_after.get(Counter::PassthroughMsgs) - counters_before.get(Counter::PassthroughMsgs);
-        let sessions = self.sidecar_client.sessions() - sessions_before;
+        let entry = match mode.route {
+            Route::Unix => &self.unix_client,
+            _ => &self.sidecar_client,
+        };
+        let sessions = entry.sessions() - sessions_before;
         let report = lines
             .iter()
             .find_map(|l| l.strip_prefix("MBJSON "))
@@ -328,7 +376,7 @@ impl Mesh {
             problem = Some(format!("{errors} request errors"));
         } else if requests == 0 {
             problem = Some("no requests".into());
-        } else if (mode.route == Route::Sidecars) != (sessions > 0) {
+        } else if (mode.route != Route::Direct) != (sessions > 0) {
             problem = Some(format!("sidecar sessions {sessions} for route {:?}", mode.route));
         } else if (mode.accel != Mode::Off) != (redirected > 0) {
             problem = Some(format!(
@@ -359,6 +407,15 @@ impl Drop for Mesh {
         if let Err(e) = std::fs::remove_dir_all(&self.dir) {
             eprintln!("cleanup {}: {e}", self.dir.display());
         }
+    }
+}
+
+/// Waits until `path` exists (a unix socket being bound).
+fn wait_path(path: &std::path::Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !path.exists() {
+        assert!(Instant::now() < deadline, "{} never appeared", path.display());
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

@@ -195,10 +195,24 @@ pub struct Sidecar {
 
 impl Sidecar {
     pub fn start(pod: &SimPod, bind: u16, upstream: &str, http: bool) -> Self {
+        let s = Self::start_addr(pod, &format!("0.0.0.0:{bind}"), upstream, http);
+        pod.wait_listen(bind);
+        s
+    }
+
+    /// The same with `bind` and `upstream` in HAProxy's address syntax
+    /// (`ip:port`, `unix@/path`: a unix listener is made mode 666). The
+    /// caller waits for the listener.
+    pub fn start_addr(pod: &SimPod, bind: &str, upstream: &str, http: bool) -> Self {
         let dir = std::env::temp_dir().join(unique("hap"));
         std::fs::create_dir_all(&dir).unwrap();
         let stats = dir.join("stats.sock");
         let cfg = dir.join("haproxy.cfg");
+        let bind_opts = if bind.starts_with("unix@") {
+            " mode 666"
+        } else {
+            ""
+        };
         let mode = if http {
             "http\n  option http-keep-alive"
         } else {
@@ -209,14 +223,13 @@ impl Sidecar {
             format!(
                 "global\n  uid 1337\n  gid 1337\n  maxconn 4096\n  stats socket {} mode 600 level admin\n\n\
                  defaults\n  mode {mode}\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\n\
-                 frontend in\n  bind 0.0.0.0:{bind}\n  default_backend up\n\n\
+                 frontend in\n  bind {bind}{bind_opts}\n  default_backend up\n\n\
                  backend up\n  server s1 {upstream}\n",
                 stats.display()
             ),
         )
         .unwrap();
         let peer = pod.spawn(None, "haproxy", &["-db", "-f", cfg.to_str().unwrap()]);
-        pod.wait_listen(bind);
         Self { peer, stats, dir }
     }
 

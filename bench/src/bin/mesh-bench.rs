@@ -4,12 +4,14 @@
 //! medians; every run verified to be what it claims. Root only.
 //!
 //!   mesh-bench [--rounds N] [--secs S] [--quick] [--json FILE]
-//!              [--modes A,B] [--loads A,B]
+//!              [--modes A,B] [--loads A,B] [--reference]
 //!
 //! `--modes`/`--loads` keep the modes/loads whose name equals one of the
 //! comma-separated names (as printed in the table, e.g. `--modes
 //! sidecar,"sidecar + bypass(all)" --loads "c16 1k"`); the plain sidecar mesh
-//! is always kept, since every ratio is against it.
+//! is always kept, since every ratio is against it. `--reference` adds the
+//! same sidecars joined by unix sockets (the cheapest kernel IPC between the
+//! proxies: a ceiling for any datapath, not a product mode).
 
 use std::path::PathBuf;
 
@@ -24,6 +26,7 @@ fn main() -> anyhow::Result<()> {
     let mut rounds = 3u32;
     let mut secs = 3u32;
     let mut quick = false;
+    let mut reference = false;
     let mut json_out = PathBuf::from("bench/results/latest.json");
     let mut only_modes: Option<Vec<String>> = None;
     let mut only_loads: Option<Vec<String>> = None;
@@ -41,6 +44,7 @@ fn main() -> anyhow::Result<()> {
             "--rounds" => rounds = args.next().unwrap_or_default().parse()?,
             "--secs" => secs = args.next().unwrap_or_default().parse()?,
             "--quick" => quick = true,
+            "--reference" => reference = true,
             "--json" => json_out = args.next().unwrap_or_default().into(),
             "--modes" => only_modes = list(args.next()),
             "--loads" => only_loads = list(args.next()),
@@ -68,8 +72,15 @@ fn main() -> anyhow::Result<()> {
             Load::per_request(16, "1k"),
         ]
     };
+    if reference {
+        modes.push(mesh::REFERENCE_UNIX);
+    }
     if let Some(keep) = &only_modes {
-        modes.retain(|m| m.name == mesh::SIDECAR.name || keep.iter().any(|k| k == m.name));
+        modes.retain(|m| {
+            m.name == mesh::SIDECAR.name
+                || m.name == mesh::REFERENCE_UNIX.name
+                || keep.iter().any(|k| k == m.name)
+        });
     }
     if let Some(keep) = &only_loads {
         loads.retain(|l| keep.contains(&l.name));

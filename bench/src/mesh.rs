@@ -262,6 +262,14 @@ impl Mesh {
         }
     }
 
+    /// Sessions so far on the sidecar where `route`'s requests enter.
+    fn entry_sessions(&self, route: Route) -> u64 {
+        match route {
+            Route::Unix => self.unix_client.sessions(),
+            Route::Direct | Route::Sidecars => self.sidecar_client.sessions(),
+        }
+    }
+
     /// Re-registers both pods with `mode` (new connections follow it).
     pub fn set_mode(&self, mode: Mode) {
         let mut node = self.node.node();
@@ -321,11 +329,7 @@ impl Mesh {
             args.extend(["-H", "Connection: close"]);
         }
         args.push(&url);
-        let entry = match mode.route {
-            Route::Unix => &self.unix_client,
-            _ => &self.sidecar_client,
-        };
-        let sessions_before = entry.sessions();
+        let sessions_before = self.entry_sessions(mode.route);
         let counters_before = self.node.counters();
         let cpu_before = busy_cpu_us();
         let started = Instant::now();
@@ -342,11 +346,7 @@ impl Mesh {
         let counters_after = self.node.counters();
         let passthrough =
             counters_after.get(Counter::PassthroughMsgs) - counters_before.get(Counter::PassthroughMsgs);
-        let entry = match mode.route {
-            Route::Unix => &self.unix_client,
-            _ => &self.sidecar_client,
-        };
-        let sessions = entry.sessions() - sessions_before;
+        let sessions = self.entry_sessions(mode.route) - sessions_before;
         let report = lines
             .iter()
             .find_map(|l| l.strip_prefix("MBJSON "))

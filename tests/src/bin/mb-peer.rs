@@ -209,7 +209,12 @@ fn main() -> anyhow::Result<()> {
         "torture" => torture::client(a.connect.context("--connect")?, &a.torture, a.seed),
         "sink" => torture::sink(a.listen.context("--listen")?, &a.torture, a.seed),
         "flood" => torture::flood(a.connect.context("--connect")?, &a.torture, a.seed),
-        "proxy" => proxy(a.listen.context("--listen")?, a.to, a.torture.close_on_error),
+        "proxy" => proxy(
+            a.listen.context("--listen")?,
+            a.to,
+            a.torture.close_on_error,
+            a.torture.stall_ms,
+        ),
         "client" => client(a.connect.context("--connect")?, &a.sizes, a.seed),
         "interactive" => interactive(a.connect.context("--connect")?, a.seed),
         "exec" => {
@@ -316,7 +321,15 @@ fn original_dst(s: &TcpStream) -> io::Result<SocketAddr> {
     Ok(SocketAddr::from((ip, u16::from_be(sa.sin_port))))
 }
 
-fn proxy(addr: SocketAddr, to: Option<SocketAddr>, close_on_error: bool) -> anyhow::Result<()> {
+/// A TCP proxy to `to` (or to the original destination of a REDIRECT);
+/// with `stall_ms` (`--stall-ms`) it reads nothing from a new connection for
+/// that long (a proxy whose upstream is slow to take data).
+fn proxy(
+    addr: SocketAddr,
+    to: Option<SocketAddr>,
+    close_on_error: bool,
+    stall_ms: u64,
+) -> anyhow::Result<()> {
     let l = listen(addr)?;
     for conn in l.incoming() {
         let Ok(down) = conn else { continue };
@@ -338,6 +351,7 @@ fn proxy(addr: SocketAddr, to: Option<SocketAddr>, close_on_error: bool) -> anyh
                     return;
                 }
             };
+            thread::sleep(Duration::from_millis(stall_ms));
             if let Err(e) = splice_both(down, up, close_on_error) {
                 eprintln!("proxy: {e}");
             }

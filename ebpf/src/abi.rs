@@ -171,6 +171,8 @@ pub struct Config {
     pub layout_version: u32,
     pub kernel_flags: u32,
     pub probed_at: u64,
+    /// FNV-1a of the object file the pinned programs were loaded from.
+    pub object_hash: u64,
 }
 
 /// `struct mb_sk_state`: per-socket state (socket local storage).
@@ -194,7 +196,7 @@ const _: () = assert!(size_of::<EndpointKey>() == 32);
 const _: () = assert!(size_of::<Endpoint>() == 56);
 const _: () = assert!(size_of::<Pair>() == 56);
 const _: () = assert!(size_of::<Pod>() == 24);
-const _: () = assert!(size_of::<Config>() == 16);
+const _: () = assert!(size_of::<Config>() == 24);
 const _: () = assert!(size_of::<SkState>() == 152);
 
 // SAFETY: plain `#[repr(C)]` data without padding holes the kernel reads;

@@ -89,7 +89,33 @@ impl Node {
             path: pin.clone(),
             source: Box::new(e),
         })?;
+        // An upgrade may have replaced the program since we opened it: it
+        // renames the new pin in first, then updates the links it finds, so
+        // a link pinned after its listing must follow by itself.
+        if let Ok(cur) = crate::sys::obj_get(&self.pins.prog(crate::pins::PROG_SOCKOPS))
+            && let (Ok(a), Ok(b)) = (
+                crate::sys::prog_id(prog.as_fd()),
+                crate::sys::prog_id(cur.as_fd()),
+            )
+            && a != b
+            && let Err(e) = crate::sys::link_update(link.as_fd(), cur.as_fd())
+        {
+            log::warn!("{}: keeps the previous program: {e}", pin.display());
+        }
         Ok(Attached::Created)
+    }
+
+    /// The kernel ID of the pinned program `name` (`pins::PROG_*`).
+    pub fn program_id(&self, name: &str) -> io::Result<u32> {
+        crate::sys::prog_id(crate::sys::obj_get(&self.pins.prog(name))?.as_fd())
+    }
+
+    /// The kernel ID of the program the pod link `name` runs.
+    pub fn link_program_id(&self, name: &str) -> io::Result<u32> {
+        if !valid_link_name(name) {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "invalid link name"));
+        }
+        crate::sys::link_prog_id(crate::sys::obj_get(&self.pins.link(name))?.as_fd())
     }
 
     /// Detaches the link named `name`; `false` when there was none.

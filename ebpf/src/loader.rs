@@ -44,6 +44,13 @@ pub enum LoadError {
         #[source]
         source: aya::pin::PinError,
     },
+    #[error("cannot rename {} to {}", from.display(), to.display())]
+    Rename {
+        from: PathBuf,
+        to: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot attach the sk_msg program to mb_tx")]
     AttachSkMsg(#[source] io::Error),
     #[error(transparent)]
@@ -96,6 +103,20 @@ pub enum LoadOutcome {
     Created,
     /// Everything was already there, with this binary's layout.
     Reused,
+    /// The maps were there with this layout, the programs were another
+    /// build's: they were replaced (new sockets and every pod's link run
+    /// ours; established sockets keep the program they joined with).
+    Upgraded,
+}
+
+/// FNV-1a of the embedded object: which build the pinned programs are.
+pub fn object_hash() -> u64 {
+    static HASH: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *HASH.get_or_init(|| {
+        OBJECT.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+        })
+    })
 }
 
 /// An open handle on the node's pinned maps and programs.
@@ -118,10 +139,14 @@ pub fn load(root: &Path) -> Result<(Node, LoadOutcome), LoadError> {
     let _lock = RootLock::acquire(root)?;
     let pins = Pins::new(root);
     let outcome = match read_stamp(&pins)? {
-        Some(cfg) if cfg.layout_version == LAYOUT_VERSION => {
+        Some(cfg) if cfg.layout_version == LAYOUT_VERSION && cfg.object_hash == object_hash() => {
             // Reuse. Re-attaching sk_msg to mb_tx replaces it with itself.
             attach_sk_msg(&pins)?;
             LoadOutcome::Reused
+        }
+        Some(cfg) if cfg.layout_version == LAYOUT_VERSION => {
+            upgrade(&pins)?;
+            LoadOutcome::Upgraded
         }
         Some(cfg) if cfg.layout_version != 0 => {
             return Err(OpenError::LayoutMismatch {
@@ -143,13 +168,92 @@ pub fn load(root: &Path) -> Result<(Node, LoadOutcome), LoadError> {
 }
 
 fn create(pins: &Pins) -> Result<(), LoadError> {
+    bpffs::mkdir_0700(&pins.progs_dir())?;
+    bpffs::mkdir_0700(&pins.links_dir())?;
+    load_programs(pins, "")?;
+    attach_sk_msg(pins)?;
+    // The stamp goes last: its presence means every pin above exists.
+    let mut config: Array<MapData, Config> = open_map(pins, "mb_config")?;
+    config
+        .set(
+            0,
+            Config {
+                layout_version: LAYOUT_VERSION,
+                object_hash: object_hash(),
+                ..Config::default()
+            },
+            0,
+        )
+        .map_err(|e| OpenError::Map {
+            path: pins.map("mb_config"),
+            source: Box::new(e),
+        })?;
+    Ok(())
+}
+
+/// Replaces the programs of a node loaded by another build with the same
+/// layout: new pins (renamed over the old ones, so a concurrent ADD sees
+/// one or the other), sk_msg re-attached to `mb_tx` (sockets joining from
+/// now on), every pod's link pointed at the new sockops program, then the
+/// object hash recorded. A link that cannot be updated keeps the old
+/// program (same layout: it still works) and is logged.
+fn upgrade(pins: &Pins) -> Result<(), LoadError> {
+    load_programs(pins, NEW_SUFFIX)?;
+    for name in [pins::PROG_SOCKOPS, pins::PROG_SK_MSG] {
+        let (tmp, path) = (tmp_pin(pins, name, NEW_SUFFIX), pins.prog(name));
+        fs::rename(&tmp, &path).map_err(|source| LoadError::Rename {
+            from: tmp,
+            to: path.clone(),
+            source,
+        })?;
+    }
+    attach_sk_msg(pins)?;
+    let path = pins.prog(pins::PROG_SOCKOPS);
+    let prog = sys::obj_get(&path).map_err(|e| OpenError::Program {
+        path,
+        source: Box::new(ProgramError::from(e)),
+    })?;
+    let mut updated = 0;
+    for entry in fs::read_dir(pins.links_dir()).into_iter().flatten().flatten() {
+        let link = entry.path();
+        match sys::obj_get(&link).and_then(|l| sys::link_update(l.as_fd(), prog.as_fd())) {
+            Ok(()) => updated += 1,
+            Err(e) => log::warn!("{}: keeps the previous program: {e}", link.display()),
+        }
+    }
+    let mut config: Array<MapData, Config> = open_map(pins, "mb_config")?;
+    let err = |e| OpenError::Map {
+        path: pins.map("mb_config"),
+        source: Box::new(e),
+    };
+    let mut cfg = config.get(&0, 0).map_err(err)?;
+    cfg.object_hash = object_hash();
+    config.set(0, cfg, 0).map_err(err)?;
+    info!(
+        "bpf root {}: programs replaced by this build's, {updated} pod links updated",
+        pins.root().display()
+    );
+    Ok(())
+}
+
+/// Where an upgrade pins the new programs before renaming them in (bpffs
+/// refuses names with a dot).
+const NEW_SUFFIX: &str = "_new";
+
+fn tmp_pin(pins: &Pins, name: &str, suffix: &str) -> PathBuf {
+    let mut p = pins.prog(name).into_os_string();
+    p.push(suffix);
+    p.into()
+}
+
+/// Loads both programs from the embedded object (its maps are the pinned
+/// ones, created when absent) and pins them as `progs/<name><suffix>`.
+fn load_programs(pins: &Pins, suffix: &str) -> Result<(), LoadError> {
     let root = pins.root();
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(root)
         .load(OBJECT)
         .map_err(|e| LoadError::Ebpf(Box::new(e)))?;
-    bpffs::mkdir_0700(&pins.progs_dir())?;
-    bpffs::mkdir_0700(&pins.links_dir())?;
 
     let sockops: &mut SockOps = ebpf
         .program_mut(pins::PROG_SOCKOPS)
@@ -157,7 +261,8 @@ fn create(pins: &Pins) -> Result<(), LoadError> {
         .try_into()
         .map_err(|e| prog_err(pins::PROG_SOCKOPS, e))?;
     sockops.load().map_err(|e| prog_err(pins::PROG_SOCKOPS, e))?;
-    let path = pins.prog(pins::PROG_SOCKOPS);
+    let path = tmp_pin(pins, pins::PROG_SOCKOPS, suffix);
+    remove_stale(&path)?;
     sockops
         .pin(&path)
         .map_err(|source| LoadError::Pin { path, source })?;
@@ -168,29 +273,24 @@ fn create(pins: &Pins) -> Result<(), LoadError> {
         .try_into()
         .map_err(|e| prog_err(pins::PROG_SK_MSG, e))?;
     sk_msg.load().map_err(|e| prog_err(pins::PROG_SK_MSG, e))?;
-    let path = pins.prog(pins::PROG_SK_MSG);
+    let path = tmp_pin(pins, pins::PROG_SK_MSG, suffix);
+    remove_stale(&path)?;
     sk_msg
         .pin(&path)
         .map_err(|source| LoadError::Pin { path, source })?;
-    drop(ebpf);
-
-    attach_sk_msg(pins)?;
-    // The stamp goes last: its presence means every pin above exists.
-    let mut config: Array<MapData, Config> = open_map(pins, "mb_config")?;
-    config
-        .set(
-            0,
-            Config {
-                layout_version: LAYOUT_VERSION,
-                ..Config::default()
-            },
-            0,
-        )
-        .map_err(|e| OpenError::Map {
-            path: pins.map("mb_config"),
-            source: Box::new(e),
-        })?;
     Ok(())
+}
+
+/// Removes what a crashed loader may have left at `path`.
+fn remove_stale(path: &Path) -> Result<(), LoadError> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(LoadError::Remove {
+            path: path.into(),
+            source,
+        }),
+    }
 }
 
 fn prog_err(name: &'static str, e: ProgramError) -> LoadError {
@@ -313,6 +413,14 @@ impl Node {
         self.config.get(&0, 0)
     }
 
+    /// Overwrites the recorded object hash: tests pretend that another build
+    /// loaded the pins (the next `load` then replaces the programs).
+    pub fn record_object_hash(&mut self, hash: u64) -> Result<(), MapError> {
+        let mut cfg = self.config.get(&0, 0)?;
+        cfg.object_hash = hash;
+        self.config.set(0, cfg, 0)
+    }
+
     /// Sets `mb_config.kernel_flags` (the selftest's private roots).
     pub fn set_kernel_flags(&mut self, flags: u32) -> Result<(), MapError> {
         let mut cfg = self.config.get(&0, 0)?;
@@ -377,6 +485,8 @@ pub fn unload(root: &Path) -> Result<UnloadReport, LoadError> {
         }
     }
     report.pins = remove_pins(&pins)?;
+    // What a crashed upgrade may have left (`<prog>_new`).
+    report.pins += remove_dir_pins(&pins.progs_dir())?;
     drop(lock);
     for dir in [pins.links_dir(), pins.progs_dir()] {
         remove_dir_if_present(&dir)?;

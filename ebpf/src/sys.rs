@@ -69,7 +69,9 @@ pub fn map_prog_detach(prog: BorrowedFd<'_>, map: BorrowedFd<'_>, attach_type: u
 
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_LINK_UPDATE: libc::c_long = 29;
 /// `BPF_CGROUP_SOCK_OPS` in `enum bpf_attach_type`.
 pub const BPF_CGROUP_SOCK_OPS: u32 = 3;
 
@@ -144,4 +146,55 @@ pub fn link_create(
         ..Default::default()
     };
     sys_bpf(BPF_LINK_CREATE, &attr).map(owned)
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct LinkUpdateAttr {
+    link_fd: u32,
+    new_prog_fd: u32,
+    flags: u32,
+    old_prog_fd: u32,
+}
+
+/// `BPF_LINK_UPDATE`: points `link` at `prog` (same type and attach point).
+pub fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
+    let attr = LinkUpdateAttr {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: prog.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    sys_bpf(BPF_LINK_UPDATE, &attr).map(|_| ())
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// The kernel ID of a program (`bpf_prog_info.id`) or, for a link, of the
+/// program it runs (`bpf_link_info.prog_id`).
+fn info_u32(fd: BorrowedFd<'_>, index: usize) -> io::Result<u32> {
+    // bpf_prog_info: type, id, ...; bpf_link_info: type, id, prog_id, ...
+    let mut info = [0u32; 4];
+    let attr = InfoAttr {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: std::mem::size_of_val(&info) as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &attr)?;
+    Ok(info[index])
+}
+
+/// `bpf_prog_info.id` of a program fd.
+pub fn prog_id(prog: BorrowedFd<'_>) -> io::Result<u32> {
+    info_u32(prog, 1)
+}
+
+/// `bpf_link_info.prog_id` of a link fd: the program the link runs.
+pub fn link_prog_id(link: BorrowedFd<'_>) -> io::Result<u32> {
+    info_u32(link, 2)
 }

@@ -184,6 +184,7 @@ fn load(root: &Path, run_probe: bool, json_out: bool) -> anyhow::Result<ExitCode
         let what = match outcome {
             loader::LoadOutcome::Created => "created",
             loader::LoadOutcome::Reused => "reused",
+            loader::LoadOutcome::Upgraded => "upgraded the programs of",
         };
         println!("{what} the node's maps and programs at {}", root.display());
         if let Some(r) = &report {
@@ -262,6 +263,10 @@ fn status(root: &Path, json_out: bool) -> anyhow::Result<ExitCode> {
                 "loaded": true,
                 "bpf_root": root,
                 "layout_version": LAYOUT_VERSION,
+                "programs": {
+                    "object_hash": format!("{:016x}", cfg.object_hash),
+                    "this_build": cfg.object_hash == loader::object_hash(),
+                },
                 "kernel": kernel,
                 "selftest": {
                     "probed": cfg.kernel_flags & KERNEL_PROBED != 0,
@@ -290,6 +295,9 @@ fn status(root: &Path, json_out: bool) -> anyhow::Result<ExitCode> {
             "no selftest recorded"
         };
         println!("acceleration auto = {} ({probed})", auto_mode(cfg.kernel_flags));
+        if cfg.object_hash != loader::object_hash() {
+            println!("programs: another build's (`meshbypass-node load` replaces them)");
+        }
         for h in &hazards {
             println!(
                 "hazard: {} — {}",

@@ -82,7 +82,7 @@ fn a_layout_version_mismatch_is_a_clear_error() {
     let root = new_root();
     assert!(node_cmd(&["load", "--no-selftest"], &root.0).status.success());
     // Stamp another layout version (99) into mb_config.
-    let value: Vec<String> = [99u32, 0, 0, 0]
+    let value: Vec<String> = [99u32, 0, 0, 0, 0, 0]
         .iter()
         .flat_map(|v| v.to_le_bytes())
         .map(|b| b.to_string())
@@ -179,4 +179,87 @@ fn status_json_shows_counters_rising_under_traffic() {
     assert!(s1["counters"]["passthrough_msgs"].is_u64());
     assert!(s1["kernel"].is_string());
     eprintln!("status: {s1}");
+}
+
+/// A node loaded by another build with the same layout gets this build's
+/// programs on the next load: pins replaced, every pod link updated, the
+/// established connection keeps working, new connections are redirected.
+#[test]
+fn a_load_by_another_build_replaces_the_programs_under_running_pods() {
+    use meshbypass_ebpf::{Counter, LoadOutcome, Mode, pins};
+    require_root();
+    let pods = PodPair::new();
+    let root = BpfRoot::load();
+    let (cg_a, cg_b) = (Cgroup::new("ua"), Cgroup::new("ub"));
+    root.add_pod(&pods.a, &cg_a, &[A_V4], Mode::All);
+    root.add_pod(&pods.b, &cg_b, &[B_V4], Mode::All);
+    let server = Peer::spawn(
+        &Place {
+            ns: &pods.b,
+            cgroup: &cg_b.path,
+            uid: None,
+        },
+        "echo",
+        &["--listen", "0.0.0.0:0"],
+    );
+    let sport = server.ready();
+    let mut client = Peer::spawn(
+        &Place {
+            ns: &pods.a,
+            cgroup: &cg_a.path,
+            uid: None,
+        },
+        "interactive",
+        &["--connect", &format!("{B_V4}:{sport}")],
+    );
+    assert!(client.ask("connect").starts_with("connected "));
+    assert_eq!(client.ask("send 100000"), "ok 100000");
+    let ids = |root: &BpfRoot| {
+        let node = root.node.lock().unwrap();
+        (
+            node.program_id(pins::PROG_SOCKOPS).unwrap(),
+            node.program_id(pins::PROG_SK_MSG).unwrap(),
+        )
+    };
+    let (ops0, msg0) = ids(&root);
+    root.node.lock().unwrap().record_object_hash(1).unwrap();
+
+    let (_, outcome) = meshbypass_ebpf::load(&root.path).unwrap();
+    assert_eq!(outcome, LoadOutcome::Upgraded);
+    let (ops1, msg1) = ids(&root);
+    assert_ne!(ops1, ops0, "sockops replaced");
+    assert_ne!(msg1, msg0, "sk_msg replaced");
+    let node = root.node.lock().unwrap();
+    let links = node.links();
+    assert_eq!(links.len(), 2, "{links:?}");
+    for l in &links {
+        assert_eq!(
+            node.link_program_id(l).unwrap(),
+            ops1,
+            "link {l} runs the new program"
+        );
+    }
+    assert_eq!(
+        node.config().unwrap().object_hash,
+        meshbypass_ebpf::loader::object_hash()
+    );
+    drop(node);
+
+    // The established connection keeps working, redirected (its sockets
+    // keep the sk_msg program they joined with).
+    let r0 = root.counter(Counter::RedirectedBytes);
+    assert_eq!(client.ask("send 100000"), "ok 100000");
+    let r1 = root.counter(Counter::RedirectedBytes);
+    assert!(r1 - r0 >= 200_000, "{r0} -> {r1}");
+    // A new connection pairs under the new programs and is redirected.
+    assert!(client.ask("connect").starts_with("connected "));
+    assert_eq!(client.ask("send 100000"), "ok 100000");
+    let r2 = root.counter(Counter::RedirectedBytes);
+    assert!(r2 - r1 >= 200_000, "{r1} -> {r2}");
+    assert_eq!(client.ask("close"), "closed");
+
+    // This build's programs are now the pinned ones: plain reuse.
+    let (_, outcome) = meshbypass_ebpf::load(&root.path).unwrap();
+    assert_eq!(outcome, LoadOutcome::Reused);
+    assert_eq!(ids(&root), (ops1, msg1));
 }

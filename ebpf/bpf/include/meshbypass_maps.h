@@ -129,6 +129,7 @@ struct mb_config {
 	__u32 layout_version; /* MB_LAYOUT_VERSION once the loader finished; 0 = incomplete */
 	__u32 kernel_flags;   /* MB_KERNEL_* */
 	__u64 probed_at;      /* unix seconds of the recorded selftest verdict */
+	__u64 object_hash;    /* FNV-1a of the object the pinned programs came from */
 };
 
 /* mb_sk_state.flags */

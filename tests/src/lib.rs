@@ -247,6 +247,33 @@ impl BpfRoot {
     }
 }
 
+/// An echo server in pod `b` (on a port the kernel picks) and an
+/// interactive client in pod `a` aimed at it, both root in their pods'
+/// cgroups: the two peers of most datapath checks. Returns them and the
+/// server's port.
+pub fn echo_pair(pods: &PodPair, cg_a: &Cgroup, cg_b: &Cgroup) -> (Peer, Peer, u16) {
+    let server = Peer::spawn(
+        &Place {
+            ns: &pods.b,
+            cgroup: &cg_b.path,
+            uid: None,
+        },
+        "echo",
+        &["--listen", "0.0.0.0:0"],
+    );
+    let port = server.ready();
+    let client = Peer::spawn(
+        &Place {
+            ns: &pods.a,
+            cgroup: &cg_a.path,
+            uid: None,
+        },
+        "interactive",
+        &["--connect", &format!("{B_V4}:{port}")],
+    );
+    (server, client, port)
+}
+
 impl Drop for BpfRoot {
     fn drop(&mut self) {
         if let Err(e) = meshbypass_ebpf::unload(&self.path) {

@@ -304,25 +304,7 @@ fn sticky_passthrough_never_switches_a_direction() {
     let (cg_a, cg_b) = (Cgroup::new("ca"), Cgroup::new("cb"));
     let cookie_a = root.add_pod(&pods.a, &cg_a, &[A_V4], Mode::All);
     root.add_pod(&pods.b, &cg_b, &[B_V4], Mode::All);
-    let server = Peer::spawn(
-        &Place {
-            ns: &pods.b,
-            cgroup: &cg_b.path,
-            uid: None,
-        },
-        "echo",
-        &["--listen", "0.0.0.0:0"],
-    );
-    let sport = server.ready();
-    let mut client = Peer::spawn(
-        &Place {
-            ns: &pods.a,
-            cgroup: &cg_a.path,
-            uid: None,
-        },
-        "interactive",
-        &["--connect", &format!("{B_V4}:{sport}")],
-    );
+    let (_server, mut client, sport) = echo_pair(&pods, &cg_a, &cg_b);
     let reply = client.ask("connect");
     let cport: u16 = reply
         .strip_prefix("connected ")
@@ -482,25 +464,7 @@ fn unregister_removes_every_entry_of_the_pod() {
     let (cg_a, cg_b) = (Cgroup::new("ca"), Cgroup::new("cb"));
     let cookie_a = root.add_pod(&pods.a, &cg_a, &[A_V4, A_V6], Mode::All);
     root.add_pod(&pods.b, &cg_b, &[B_V4], Mode::All);
-    let server = Peer::spawn(
-        &Place {
-            ns: &pods.b,
-            cgroup: &cg_b.path,
-            uid: None,
-        },
-        "echo",
-        &["--listen", "0.0.0.0:0"],
-    );
-    let port = server.ready();
-    let mut client = Peer::spawn(
-        &Place {
-            ns: &pods.a,
-            cgroup: &cg_a.path,
-            uid: None,
-        },
-        "interactive",
-        &["--connect", &format!("{B_V4}:{port}")],
-    );
+    let (_server, mut client, _) = echo_pair(&pods, &cg_a, &cg_b);
     client.ask("connect");
     assert_eq!(client.ask("send 10"), "ok 10");
     let mut node = root.node.lock().unwrap();

@@ -193,25 +193,7 @@ fn a_load_by_another_build_replaces_the_programs_under_running_pods() {
     let (cg_a, cg_b) = (Cgroup::new("ua"), Cgroup::new("ub"));
     root.add_pod(&pods.a, &cg_a, &[A_V4], Mode::All);
     root.add_pod(&pods.b, &cg_b, &[B_V4], Mode::All);
-    let server = Peer::spawn(
-        &Place {
-            ns: &pods.b,
-            cgroup: &cg_b.path,
-            uid: None,
-        },
-        "echo",
-        &["--listen", "0.0.0.0:0"],
-    );
-    let sport = server.ready();
-    let mut client = Peer::spawn(
-        &Place {
-            ns: &pods.a,
-            cgroup: &cg_a.path,
-            uid: None,
-        },
-        "interactive",
-        &["--connect", &format!("{B_V4}:{sport}")],
-    );
+    let (_server, mut client, _) = echo_pair(&pods, &cg_a, &cg_b);
     assert!(client.ask("connect").starts_with("connected "));
     assert_eq!(client.ask("send 100000"), "ok 100000");
     let ids = |root: &BpfRoot| {

@@ -413,8 +413,9 @@ int mb_sockops(struct bpf_sock_ops *skops)
  * After each redirect we read the target's queue (CO-RE against the running
  * kernel's BTF; these types are the few fields we need, not the kernel's
  * definitions) and, when it is over its bound, send the direction back to
- * the stack for good: TCP's flow control then holds the writer, and order is
- * kept because the receiver drains its redirect queue before the TCP one.
+ * the stack: TCP's flow control then holds the writer, and order is kept
+ * because the receiver drains its redirect queue before the TCP one. Into an
+ * app socket that is for good; into a proxy it may resume (may_resume()).
  */
 struct sock___mb {
 	void *sk_user_data;

@@ -48,7 +48,7 @@ enum mb_counter {
 	MB_CTR_MAP_FULL = 7,         /* a map update failed: the socket stays on the stack */
 	MB_CTR_REDIRECT_FAILED = 8,  /* a paired peer was gone at send: fell back, sticky */
 	MB_CTR_PASSTHROUGH_BYTES = 9,
-	MB_CTR_STICKY = 10,          /* directions pinned to the stack for their life */
+	MB_CTR_STICKY = 10,          /* directions pinned to the stack (for life, or until resumed) */
 	MB_CTR_RECEIVER_FULL = 11,   /* directions sent back to the stack: the receiver's queue was over its bound */
 	MB_CTR_RESUMED = 12,         /* ... and redirected again once both paths had drained (proxy receivers) */
 	MB_CTR_MAX = 16,

@@ -255,6 +255,9 @@ ok=$(requests client 20)
 [[ $ok == 20 ]] || fail "after the restart: $ok of 20 requests succeeded"
 after=$(status | field counters.redirected_msgs)
 ((after > before)) || fail "after the restart the counters did not rise ($before -> $after)"
+# The restarted agent's load reused (or upgraded to) its own build's programs.
+[[ $(status | field programs.this_build) == True ]] ||
+  fail "after the restart the pinned programs are not the agent's build: $(status)"
 
 log "uninstall restores the conflists"
 kctl delete -k install/deploy --wait=true --timeout="$timeout"

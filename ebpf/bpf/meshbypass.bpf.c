@@ -307,8 +307,6 @@ static __always_inline void on_established(struct bpf_sock_ops *skops, int activ
 		__u32 self_tx, self_rx, first_tx, first_rx;
 		__u32 first_can_rx = other->flags & MB_EP_CAN_RX;
 		__u32 first_can_tx = other->flags & MB_EP_CAN_TX;
-		__u32 first_proxy = other->flags & MB_EP_PROXY;
-		__u32 a_proxy, p_proxy;
 
 		first = other->key;
 		if (active) {
@@ -319,8 +317,6 @@ static __always_inline void on_established(struct bpf_sock_ops *skops, int activ
 			p_rx = first_can_rx;
 			p_tx = first_can_tx;
 			p_redirect = other->flags & MB_EP_REDIRECT_PORT;
-			a_proxy = is_proxy;
-			p_proxy = first_proxy;
 		} else {
 			a = first;
 			a_rx = first_can_rx;
@@ -329,8 +325,6 @@ static __always_inline void on_established(struct bpf_sock_ops *skops, int activ
 			p_rx = can_rx;
 			p_tx = can_tx;
 			p_redirect = on_redirect_port;
-			a_proxy = first_proxy;
-			p_proxy = is_proxy;
 		}
 		plain = addr_eq(a.remote_ip, p.local_ip) && a.remote_port == p.local_port;
 		if (!plain && !p_redirect) {
@@ -356,8 +350,8 @@ static __always_inline void on_established(struct bpf_sock_ops *skops, int activ
 		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 		count(MB_CTR_SOCKETS_TRACKED, 1);
 		pair_flags = plain ? 0 : MB_PAIR_NAT;
-		write_pair(&a, a_tx && p_rx, &p, pair_flags | (p_proxy ? MB_PAIR_PEER_PROXY : 0));
-		write_pair(&p, p_tx && a_rx, &a, pair_flags | (a_proxy ? MB_PAIR_PEER_PROXY : 0));
+		write_pair(&a, a_tx && p_rx, &p, pair_flags);
+		write_pair(&p, p_tx && a_rx, &a, pair_flags);
 		count(plain ? MB_CTR_PAIRS_PLAIN : MB_CTR_PAIRS_NAT, 1);
 	}
 }
@@ -413,21 +407,12 @@ int mb_sockops(struct bpf_sock_ops *skops)
  * After each redirect we read the target's queue (CO-RE against the running
  * kernel's BTF; these types are the few fields we need, not the kernel's
  * definitions) and, when it is over its bound, send the direction back to
- * the stack: TCP's flow control then holds the writer, and order is kept
- * because the receiver drains its redirect queue before the TCP one. Into an
- * app socket that is for good; into a proxy it may resume (may_resume()).
+ * the stack for good: TCP's flow control then holds the writer, and order is
+ * kept because the receiver drains its redirect queue before the TCP one.
  */
 struct sock___mb {
 	void *sk_user_data;
 	int sk_rcvbuf;
-	int sk_rcvlowat;
-} __attribute__((preserve_access_index));
-
-struct tcp_sock___mb {
-	__u32 rcv_nxt;
-	__u32 copied_seq;
-	__u32 snd_una;
-	__u32 write_seq;
 } __attribute__((preserve_access_index));
 
 struct sk_psock___mb {
@@ -443,32 +428,15 @@ struct sk_msg___mb {
 #define MB_SK_USER_DATA_FLAGS 7UL  /* NOCOPY | BPF | PSOCK, tagged in the low bits */
 #define MB_QUEUE_FLOOR (1u << 20)  /* bound = max(receiver's sk_rcvbuf, 1 MiB) */
 
-/* Bytes in the redirect queue of socket `t`; ~0 when unreadable (taken as
- * full: the safe side), 0 when it has no psock. */
-static __always_inline __u32 queued_at(struct sock___mb *t)
+/* Whether the socket this message was just redirected to holds more than its
+ * bound (this message not counted yet). 0 when the kernel has no msg_tot_len
+ * (before 6.14): there the bound is tcp_mem, as selftest reports. */
+static __always_inline int receiver_full(struct sk_msg_md *msg)
 {
+	struct sock___mb *t;
 	struct sk_psock___mb *ps;
 	__u64 ud = 0;
 	__u32 queued = 0;
-
-	if (bpf_core_read(&ud, sizeof(ud), &t->sk_user_data))
-		return ~0u;
-	if (!(ud & MB_SK_USER_DATA_PSOCK))
-		return 0;
-	ps = (void *)(ud & ~MB_SK_USER_DATA_FLAGS);
-	if (bpf_core_read(&queued, sizeof(queued), &ps->msg_tot_len))
-		return ~0u;
-	return queued;
-}
-
-/* The socket this message was just redirected to, when it holds more than
- * its bound (this message not counted yet); 0 otherwise, and always 0 when
- * the kernel has no msg_tot_len (before 6.14): there the bound is tcp_mem,
- * as selftest reports. */
-static __always_inline __u64 receiver_full(struct sk_msg_md *msg)
-{
-	struct sock___mb *t;
-	__u32 queued;
 	int rcvbuf = 0;
 
 	if (!bpf_core_field_exists(struct sk_psock___mb, msg_tot_len))
@@ -476,47 +444,15 @@ static __always_inline __u64 receiver_full(struct sk_msg_md *msg)
 	t = BPF_CORE_READ((struct sk_msg___mb *)msg, sk_redir);
 	if (!t)
 		return 0;
-	queued = queued_at(t);
-	if (queued <= MB_QUEUE_FLOOR)
+	if (bpf_core_read(&ud, sizeof(ud), &t->sk_user_data) ||
+	    bpf_core_read(&rcvbuf, sizeof(rcvbuf), &t->sk_rcvbuf))
+		return 1; /* unreadable: the safe side */
+	if (!(ud & MB_SK_USER_DATA_PSOCK))
 		return 0;
-	if (bpf_core_read(&rcvbuf, sizeof(rcvbuf), &t->sk_rcvbuf) || queued > (__u32)rcvbuf)
-		return (__u64)t;
-	return 0;
-}
-
-/*
- * Resuming a direction that went to the stack because its receiver was full.
- * Redirected bytes must not overtake stack bytes, so: every byte the sender
- * gave TCP is acknowledged (snd_una == write_seq: the receiver's TCP has it),
- * the receiver read all of it (copied_seq == rcv_nxt; tcp_bpf reads its
- * redirect queue first, so that one is drained too) and nothing waits in the
- * redirect queue. The sender's lock is held here, so no byte of it can enter
- * TCP meanwhile; values read racily can only be stale in the direction that
- * says "not yet". Only for proxy receivers: a reader blocked inside
- * tcp_recvmsg() for more stack bytes (MSG_WAITALL, SO_RCVLOWAT) would not see
- * redirected ones; proxies read non-blocking (the blocking-read hazard makes
- * that a premise of redirecting into them at all), and SO_RCVLOWAT is checked.
- */
-static __always_inline int may_resume(struct bpf_sock *sk, struct mb_sk_state *st)
-{
-	struct tcp_sock___mb *tx = (void *)bpf_skc_to_tcp_sock(sk);
-	struct tcp_sock___mb *rx = (void *)st->target;
-	struct sock___mb *rxsk = (void *)st->target;
-	__u32 una = 1, wseq = 0, copied = 1, nxt = 0;
-	int lowat = 2;
-
-	if (!tx || !rx)
-		return 0;
-	if (bpf_core_read(&una, sizeof(una), &tx->snd_una) ||
-	    bpf_core_read(&wseq, sizeof(wseq), &tx->write_seq) || una != wseq)
-		return 0;
-	/* copied_seq first: it only grows towards rcv_nxt. */
-	if (bpf_core_read(&copied, sizeof(copied), &rx->copied_seq) ||
-	    bpf_core_read(&nxt, sizeof(nxt), &rx->rcv_nxt) || copied != nxt)
-		return 0;
-	if (bpf_core_read(&lowat, sizeof(lowat), &rxsk->sk_rcvlowat) || lowat > 1)
-		return 0;
-	return queued_at(rxsk) == 0;
+	ps = (void *)(ud & ~MB_SK_USER_DATA_FLAGS);
+	if (bpf_core_read(&queued, sizeof(queued), &ps->msg_tot_len))
+		return 1;
+	return queued > MB_QUEUE_FLOOR && queued > (__u32)rcvbuf;
 }
 
 static __always_inline int pass(struct mb_sk_state *st, __u32 size)
@@ -549,15 +485,9 @@ int mb_sk_msg(struct sk_msg_md *msg)
 	st = bpf_sk_storage_get(&mb_sk_state, sk, 0, 0);
 	if (!st)
 		return pass(st, size);
-	/* Never reorder: once a byte of this direction took the stack, all do,
-	 * unless the stack path drained behind a full proxy receiver. */
-	if (st->flags & MB_SK_STICKY) {
-		if (!(st->flags & MB_SK_RESUMABLE) || !may_resume(sk, st))
-			return pass(0, size);
-		st->flags &= ~(MB_SK_STICKY | MB_SK_RESUMABLE);
-		st->target = 0;
-		count(MB_CTR_RESUMED, 1);
-	}
+	/* Never reorder: once a byte of this direction took the stack, all do. */
+	if (st->flags & MB_SK_STICKY)
+		return pass(0, size);
 
 	if (st->flags & MB_SK_PEER_KNOWN) {
 		if (bpf_msg_redirect_hash(msg, &mb_rx, &st->peer, BPF_F_INGRESS) == SK_PASS)
@@ -576,22 +506,16 @@ int mb_sk_msg(struct sk_msg_md *msg)
 	}
 	/* Cache only after a redirect succeeded. */
 	st->peer = pair->peer;
-	st->flags |= MB_SK_PEER_KNOWN | ((pair->flags & MB_PAIR_PEER_PROXY) ? MB_SK_PEER_PROXY : 0);
+	st->flags |= MB_SK_PEER_KNOWN;
 redirected:
 	{
 		struct mb_counters *c = counters();
 		/* This message goes to the peer regardless (a redirect cannot be
 		 * taken back); the direction's next ones take the stack. */
-		__u64 target = receiver_full(msg);
-		__u32 full = target != 0;
+		int full = receiver_full(msg);
 
-		if (full) {
+		if (full)
 			st->flags |= MB_SK_STICKY;
-			if (st->flags & MB_SK_PEER_PROXY) {
-				st->flags |= MB_SK_RESUMABLE;
-				st->target = target;
-			}
-		}
 		if (c) {
 			c->v[MB_CTR_REDIRECTED_MSGS] += 1;
 			c->v[MB_CTR_REDIRECTED_BYTES] += size;

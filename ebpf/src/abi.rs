@@ -147,8 +147,6 @@ pub struct Pair {
 
 /// `MB_PAIR_NAT`.
 pub const PAIR_NAT: u32 = 1;
-/// `MB_PAIR_PEER_PROXY`: the receiving end is the sidecar proxy's socket.
-pub const PAIR_PEER_PROXY: u32 = 1 << 1;
 
 /// `struct mb_pod`: a registered pod, by IP (`mb_pods`) and by netns (`mb_netns`).
 #[repr(C)]
@@ -186,8 +184,6 @@ pub struct SkState {
     pub gid: u32,
     pub flags: u32,
     pub pad: u32,
-    /// Kernel address of the peer socket while the direction may resume.
-    pub target: u64,
 }
 
 const _: () = assert!(size_of::<Addr>() == 16);
@@ -197,7 +193,7 @@ const _: () = assert!(size_of::<Endpoint>() == 56);
 const _: () = assert!(size_of::<Pair>() == 56);
 const _: () = assert!(size_of::<Pod>() == 24);
 const _: () = assert!(size_of::<Config>() == 24);
-const _: () = assert!(size_of::<SkState>() == 152);
+const _: () = assert!(size_of::<SkState>() == 144);
 
 // SAFETY: plain `#[repr(C)]` data without padding holes the kernel reads;
 // every field is an integer, so every bit pattern is valid.
@@ -278,7 +274,6 @@ pub enum Counter {
     PassthroughBytes = 9,
     Sticky = 10,
     ReceiverFull = 11,
-    Resumed = 12,
 }
 
 /// `MB_CTR_MAX`: slots of `struct mb_counters`.
@@ -297,7 +292,7 @@ const _: () = assert!(size_of::<CounterBlock>() == 128);
 unsafe impl aya::Pod for CounterBlock {}
 
 impl Counter {
-    pub const ALL: [Counter; 13] = [
+    pub const ALL: [Counter; 12] = [
         Self::SocketsTracked,
         Self::PairsPlain,
         Self::PairsNat,
@@ -310,7 +305,6 @@ impl Counter {
         Self::PassthroughBytes,
         Self::Sticky,
         Self::ReceiverFull,
-        Self::Resumed,
     ];
 
     /// The name used in `status --json` and in metrics.
@@ -328,7 +322,6 @@ impl Counter {
             Self::PassthroughBytes => "passthrough_bytes",
             Self::Sticky => "sticky_directions",
             Self::ReceiverFull => "receiver_full",
-            Self::Resumed => "resumed",
         }
     }
 }

@@ -560,18 +560,8 @@ fn slow_reader() -> Vec<Row> {
         if mode != Mode::Off {
             check_redirected(&mut r);
             // Held back by the bound, not by luck.
-            let (full, resumed) = (
-                delta(&before, &after, Counter::ReceiverFull),
-                delta(&before, &after, Counter::Resumed),
-            );
-            note(&mut r, format!("receiver_full {full}, resumed {resumed}"));
-            if full == 0 {
+            if delta(&before, &after, Counter::ReceiverFull) == 0 {
                 fail(&mut r, "receiver_full did not count: the bound never acted");
-            }
-            // Only directions into a proxy socket resume; here the one
-            // receiver is an app.
-            if !sidecars && resumed != 0 {
-                fail(&mut r, "a direction into an app socket resumed");
             }
         }
         check_drained(&bed, &mut r);

@@ -48,9 +48,8 @@ enum mb_counter {
 	MB_CTR_MAP_FULL = 7,         /* a map update failed: the socket stays on the stack */
 	MB_CTR_REDIRECT_FAILED = 8,  /* a paired peer was gone at send: fell back, sticky */
 	MB_CTR_PASSTHROUGH_BYTES = 9,
-	MB_CTR_STICKY = 10,          /* directions pinned to the stack (for life, or until resumed) */
+	MB_CTR_STICKY = 10,          /* directions pinned to the stack for their life */
 	MB_CTR_RECEIVER_FULL = 11,   /* directions sent back to the stack: the receiver's queue was over its bound */
-	MB_CTR_RESUMED = 12,         /* ... and redirected again once both paths had drained (proxy receivers) */
 	MB_CTR_MAX = 16,
 };
 
@@ -103,7 +102,6 @@ struct mb_endpoint {
 
 /* mb_pair.flags */
 #define MB_PAIR_NAT (1u << 0)
-#define MB_PAIR_PEER_PROXY (1u << 1) /* the receiving end is the sidecar proxy's socket */
 
 /* A socket's paired peer: present only for directions allowed to redirect. */
 struct mb_pair {
@@ -140,8 +138,6 @@ struct mb_config {
 #define MB_SK_EP_OWNER (1u << 4)  /* it created mb_endpoints[ep] */
 #define MB_SK_STICKY (1u << 5)    /* a byte it sent went through the stack: never redirect */
 #define MB_SK_PEER_KNOWN (1u << 6) /* peer holds a key a redirect already succeeded with */
-#define MB_SK_PEER_PROXY (1u << 7) /* the peer is a proxy socket (from mb_pair.flags) */
-#define MB_SK_RESUMABLE (1u << 8)  /* sticky only because the receiver was full: may resume */
 
 /* Per-socket state (socket local storage). */
 struct mb_sk_state {
@@ -152,7 +148,6 @@ struct mb_sk_state {
 	__u32 gid;
 	__u32 flags; /* MB_SK_* */
 	__u32 pad;
-	__u64 target; /* kernel address of the peer socket, kept while MB_SK_RESUMABLE */
 };
 
 #ifdef __BPF__

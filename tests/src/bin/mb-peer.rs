@@ -209,12 +209,7 @@ fn main() -> anyhow::Result<()> {
         "torture" => torture::client(a.connect.context("--connect")?, &a.torture, a.seed),
         "sink" => torture::sink(a.listen.context("--listen")?, &a.torture, a.seed),
         "flood" => torture::flood(a.connect.context("--connect")?, &a.torture, a.seed),
-        "proxy" => proxy(
-            a.listen.context("--listen")?,
-            a.to,
-            a.torture.close_on_error,
-            a.torture.stall_ms,
-        ),
+        "proxy" => proxy(a.listen.context("--listen")?, a.to, a.torture.close_on_error),
         "client" => client(a.connect.context("--connect")?, &a.sizes, a.seed),
         "interactive" => interactive(a.connect.context("--connect")?, a.seed),
         "exec" => {
@@ -321,15 +316,7 @@ fn original_dst(s: &TcpStream) -> io::Result<SocketAddr> {
     Ok(SocketAddr::from((ip, u16::from_be(sa.sin_port))))
 }
 
-/// A TCP proxy to `to` (or to the original destination of a REDIRECT);
-/// with `stall_ms` (`--stall-ms`) it reads nothing from a new connection for
-/// that long (a proxy whose upstream is slow to take data).
-fn proxy(
-    addr: SocketAddr,
-    to: Option<SocketAddr>,
-    close_on_error: bool,
-    stall_ms: u64,
-) -> anyhow::Result<()> {
+fn proxy(addr: SocketAddr, to: Option<SocketAddr>, close_on_error: bool) -> anyhow::Result<()> {
     let l = listen(addr)?;
     for conn in l.incoming() {
         let Ok(down) = conn else { continue };
@@ -351,7 +338,6 @@ fn proxy(
                     return;
                 }
             };
-            thread::sleep(Duration::from_millis(stall_ms));
             if let Err(e) = splice_both(down, up, close_on_error) {
                 eprintln!("proxy: {e}");
             }

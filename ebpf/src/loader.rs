@@ -262,7 +262,7 @@ fn load_programs(pins: &Pins, suffix: &str) -> Result<(), LoadError> {
         .map_err(|e| prog_err(pins::PROG_SOCKOPS, e))?;
     sockops.load().map_err(|e| prog_err(pins::PROG_SOCKOPS, e))?;
     let path = tmp_pin(pins, pins::PROG_SOCKOPS, suffix);
-    remove_stale(&path)?;
+    remove_pin(&path)?; // what a crashed loader may have left
     sockops
         .pin(&path)
         .map_err(|source| LoadError::Pin { path, source })?;
@@ -274,18 +274,18 @@ fn load_programs(pins: &Pins, suffix: &str) -> Result<(), LoadError> {
         .map_err(|e| prog_err(pins::PROG_SK_MSG, e))?;
     sk_msg.load().map_err(|e| prog_err(pins::PROG_SK_MSG, e))?;
     let path = tmp_pin(pins, pins::PROG_SK_MSG, suffix);
-    remove_stale(&path)?;
+    remove_pin(&path)?; // what a crashed loader may have left
     sk_msg
         .pin(&path)
         .map_err(|source| LoadError::Pin { path, source })?;
     Ok(())
 }
 
-/// Removes what a crashed loader may have left at `path`.
-fn remove_stale(path: &Path) -> Result<(), LoadError> {
+/// Removes the pin at `path`; `false` when there was none.
+fn remove_pin(path: &Path) -> Result<bool, LoadError> {
     match fs::remove_file(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
         Err(source) => Err(LoadError::Remove {
             path: path.into(),
             source,
@@ -515,11 +515,7 @@ fn remove_pins(pins: &Pins) -> Result<usize, LoadError> {
     let mut n = 0;
     let progs = [pins::PROG_SOCKOPS, pins::PROG_SK_MSG].map(|p| pins.prog(p));
     for path in pins::MAPS.iter().map(|m| pins.map(m)).chain(progs) {
-        match fs::remove_file(&path) {
-            Ok(()) => n += 1,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(source) => return Err(LoadError::Remove { path, source }),
-        }
+        n += usize::from(remove_pin(&path)?);
     }
     Ok(n)
 }
@@ -537,12 +533,7 @@ fn remove_dir_pins(dir: &Path) -> Result<usize, LoadError> {
     };
     let mut n = 0;
     for entry in entries.flatten() {
-        let path = entry.path();
-        match fs::remove_file(&path) {
-            Ok(()) => n += 1,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(source) => return Err(LoadError::Remove { path, source }),
-        }
+        n += usize::from(remove_pin(&entry.path())?);
     }
     Ok(n)
 }

@@ -444,15 +444,18 @@ static __always_inline int receiver_full(struct sk_msg_md *msg)
 	t = BPF_CORE_READ((struct sk_msg___mb *)msg, sk_redir);
 	if (!t)
 		return 0;
-	if (bpf_core_read(&ud, sizeof(ud), &t->sk_user_data) ||
-	    bpf_core_read(&rcvbuf, sizeof(rcvbuf), &t->sk_rcvbuf))
+	if (bpf_core_read(&ud, sizeof(ud), &t->sk_user_data))
 		return 1; /* unreadable: the safe side */
 	if (!(ud & MB_SK_USER_DATA_PSOCK))
 		return 0;
 	ps = (void *)(ud & ~MB_SK_USER_DATA_FLAGS);
 	if (bpf_core_read(&queued, sizeof(queued), &ps->msg_tot_len))
 		return 1;
-	return queued > MB_QUEUE_FLOOR && queued > (__u32)rcvbuf;
+	if (queued <= MB_QUEUE_FLOOR)
+		return 0; /* the common case: no third read */
+	if (bpf_core_read(&rcvbuf, sizeof(rcvbuf), &t->sk_rcvbuf))
+		return 1;
+	return queued > (__u32)rcvbuf;
 }
 
 static __always_inline int pass(struct mb_sk_state *st, __u32 size)

@@ -128,6 +128,12 @@ impl Drop for Root {
 pub const APP_PORT: u16 = 8080;
 
 /// Two pods with the bypass; `sidecars` puts Istio-style proxies in front.
+/// The sidecars' I/O deadline. A proxy's idle direction (nothing flows back
+/// while a flood runs) waits this long; the full budget's 1 GiB flood through
+/// the mesh takes longer than mb-peer's default 20 s when it runs on the
+/// stack. The clients' own deadlines still catch a hang.
+const PROXY_DEADLINE_MS: &str = "90000";
+
 pub struct Bed {
     // Fields drop in order: processes first, then their cgroups, the maps, the netns.
     /// The server app (an echo server unless [`Bed::with_app`] said otherwise).
@@ -202,6 +208,8 @@ impl Bed {
                     "--to",
                     "127.0.0.1:8080",
                     "--close-on-error",
+                    "--deadline-ms",
+                    PROXY_DEADLINE_MS,
                 ],
             );
             proxy_b.ready();
@@ -267,7 +275,13 @@ impl Bed {
                 uid: Some(1337),
             },
             "proxy",
-            &["--listen", "0.0.0.0:15001", "--close-on-error"],
+            &[
+                "--listen",
+                "0.0.0.0:15001",
+                "--close-on-error",
+                "--deadline-ms",
+                PROXY_DEADLINE_MS,
+            ],
         );
         proxy_a.ready();
         self.proxy_a = Some(proxy_a);

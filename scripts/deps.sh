@@ -4,7 +4,7 @@ set -euo pipefail
 
 packages=(
   clang llvm libbpf-dev linux-libc-dev   # kernel programs (clang -target bpf)
-  bpftool iproute2 iptables              # tests: pins, netns, veth, REDIRECT rules
+  bpftool iproute2 iptables conntrack    # tests: pins, netns, veth, REDIRECT rules, conntrack flush
   containernetworking-plugins            # the reference CNI plugins (bridge, host-local)
   haproxy nginx-light wrk curl python3   # sidecars, app, load (tests, demo, benchmark)
   containerd runc busybox-static         # the CRI test: a real runtime, its pause image

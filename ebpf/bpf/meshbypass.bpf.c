@@ -2,7 +2,7 @@
 /*
  * The sockmap bypass: sockops tracks and pairs the TCP sockets of registered
  * pods, sk_msg hands a paired socket's sends straight to its peer's receive
- * queue. Invariants (../../DESIGN.md): never mis-deliver, never reorder,
+ * queue. Invariants (docs/DESIGN.md): never mis-deliver, never reorder,
  * fall back to the stack on anything unknown.
  */
 #include <linux/bpf.h>
@@ -33,11 +33,14 @@ static __always_inline void count(__u32 idx, __u64 n)
 		c->v[idx] += n;
 }
 
+/* A remote endpoint inside the socket's own netns that no pod IP names:
+ * loopback, and the source addresses Istio's inbound passthrough binds to
+ * reach the app through it (127.0.0.6 is in 127/8; ::6 for IPv6). */
 static __always_inline int is_loopback(const __u32 a[4])
 {
 	if (a[0] == 0 && a[1] == 0 && a[2] == bpf_htonl(0xffff))
 		return (a[3] & bpf_htonl(0xff000000)) == bpf_htonl(0x7f000000);
-	return a[0] == 0 && a[1] == 0 && a[2] == 0 && a[3] == bpf_htonl(1);
+	return a[0] == 0 && a[1] == 0 && a[2] == 0 && (a[3] == bpf_htonl(1) || a[3] == bpf_htonl(6));
 }
 
 static __always_inline int addr_eq(const __u32 a[4], const __u32 b[4])
@@ -47,7 +50,7 @@ static __always_inline int addr_eq(const __u32 a[4], const __u32 b[4])
 
 static __always_inline int key_eq(const struct mb_sock_key *a, const struct mb_sock_key *b)
 {
-	return a->netns == b->netns && addr_eq(a->local_ip, b->local_ip) &&
+	return a->cookie == b->cookie && a->netns == b->netns && addr_eq(a->local_ip, b->local_ip) &&
 	       addr_eq(a->remote_ip, b->remote_ip) && a->local_port == b->local_port &&
 	       a->remote_port == b->remote_port;
 }
@@ -111,6 +114,7 @@ static __always_inline int sock_key(struct bpf_sock_ops *s, __u64 netns, struct 
 	k->local_port = (__u16)lport;
 	k->remote_port = (__u16)bpf_ntohl(rport);
 	k->pad = 0;
+	k->cookie = bpf_get_socket_cookie(s);
 	return 1;
 }
 
@@ -135,22 +139,8 @@ static __always_inline void on_connect(struct bpf_sock_ops *skops)
 	st->flags |= MB_SK_HAVE_UID;
 }
 
-/* Write both directions of a pair, each only when allowed. */
-static __always_inline void write_pair(const struct mb_sock_key *from, __u32 allowed,
-				       const struct mb_sock_key *to, __u32 flags)
-{
-	struct mb_pair p = {};
-
-	if (!allowed)
-		return;
-	p.peer = *to;
-	p.flags = flags;
-	if (bpf_map_update_elem(&mb_pairs, from, &p, BPF_ANY))
-		count(MB_CTR_MAP_FULL, 1);
-}
-
 /* Membership: rx first, then tx (a socket may sit in both; rx carries no
- * program). Returns 0 when a map is full. */
+ * program). Returns 0 when a map is full; the socket is then in neither. */
 static __always_inline int join_maps(struct bpf_sock_ops *skops, struct mb_sk_state *st, __u32 rx, __u32 tx)
 {
 	if (rx) {
@@ -164,9 +154,136 @@ static __always_inline int join_maps(struct bpf_sock_ops *skops, struct mb_sk_st
 		count(MB_CTR_MAP_FULL, 1);
 		if (rx)
 			bpf_map_delete_elem(&mb_rx, &st->self);
+		st->flags &= ~MB_SK_IN_RX;
 		return 0;
 	}
 	return 1;
+}
+
+static __always_inline void leave_maps(struct mb_sk_state *st)
+{
+	bpf_map_delete_elem(&mb_tx, &st->self);
+	bpf_map_delete_elem(&mb_rx, &st->self);
+	st->flags &= ~MB_SK_IN_RX;
+}
+
+/* mb_pairs[from] = to, only if `from` has no entry yet. 0 on success. */
+static __always_inline long write_pair(const struct mb_sock_key *from, const struct mb_sock_key *to, __u32 flags)
+{
+	struct mb_pair p = {};
+
+	p.peer = *to;
+	p.flags = flags;
+	return bpf_map_update_elem(&mb_pairs, from, &p, BPF_NOEXIST);
+}
+
+/* What one end knows of itself when it establishes (see on_established). */
+struct mb_end {
+	__u32 active;
+	__u32 can_rx;
+	__u32 can_tx;
+	__u32 proxy;
+	__u32 ports; /* MB_EP_OUTBOUND_PORT | MB_EP_INBOUND_PORT */
+	__u64 dest_netns;
+};
+
+/*
+ * The second end of a connection joins the first, which waits in
+ * mb_endpoints under the same key (the same local endpoint of the active
+ * side and the same two ISNs). Pairing needs evidence in both directions:
+ * the key ties the active side's source to the passive socket; the active
+ * side's destination must tie back to the passive socket: the same address
+ * and port (plain), or the pod whose inbound proxy port accepted it, or the
+ * active side's own netns for the outbound proxy port (iptables REDIRECT).
+ *
+ * The pair entries are written before the endpoint is claimed, and the claim
+ * is the endpoint's deletion: of all joiners and the waiter's own close,
+ * exactly one deletes it. A joiner that loses takes its entries back; a
+ * waiter that closes deletes its endpoint before its pair entry, so an entry
+ * written for it by a joiner that then won is deleted too. Nothing is left
+ * for a socket that is gone.
+ */
+static __always_inline void join(struct bpf_sock_ops *skops, struct mb_sk_state *st,
+				 const struct mb_end *self, const struct mb_endpoint *first,
+				 const struct mb_endpoint_key *ek)
+{
+	const struct mb_sock_key *a, *p;
+	__u32 first_can_rx = first->flags & MB_EP_CAN_RX;
+	__u32 first_can_tx = first->flags & MB_EP_CAN_TX;
+	__u32 first_proxy = first->flags & MB_EP_PROXY;
+	__u32 p_ports, plain, consistent, self_tx, self_rx, first_tx, first_rx, flags;
+	__u64 a_dest;
+
+	if (self->active) {
+		a = &st->self;
+		a_dest = self->dest_netns;
+		p = &first->key;
+		p_ports = first->flags & (MB_EP_OUTBOUND_PORT | MB_EP_INBOUND_PORT);
+	} else {
+		a = &first->key;
+		a_dest = first->dest_netns;
+		p = &st->self;
+		p_ports = self->ports;
+	}
+	plain = addr_eq(a->remote_ip, p->local_ip) && a->remote_port == p->local_port;
+	if (plain)
+		consistent = a_dest == p->netns;
+	else
+		consistent = ((p_ports & MB_EP_INBOUND_PORT) && a_dest == p->netns) ||
+			     ((p_ports & MB_EP_OUTBOUND_PORT) && a->netns == p->netns);
+	if (!consistent) {
+		/* Translated by something other than our REDIRECT, or aimed
+		 * elsewhere than where it arrived: unexplained. */
+		count(MB_CTR_PAIRS_REFUSED, 1);
+		return;
+	}
+
+	/* What each end needs now that both are known. */
+	self_tx = self->can_tx && first_can_rx;
+	self_rx = self->can_rx && first_can_tx;
+	first_tx = first_can_tx && self->can_rx;
+	first_rx = first_can_rx && self->can_tx;
+	flags = plain ? 0 : MB_PAIR_NAT;
+
+	if ((self_tx || self_rx) && !join_maps(skops, st, self_rx, self_tx))
+		return; /* full: the first end keeps waiting, both on the stack */
+	if (self_tx && write_pair(&st->self, &first->key, flags | (first_proxy ? MB_PAIR_PEER_PROXY : 0))) {
+		count(MB_CTR_MAP_FULL, 1);
+		leave_maps(st);
+		return;
+	}
+	if (first_tx) {
+		long err = write_pair(&first->key, &st->self, flags | (self->proxy ? MB_PAIR_PEER_PROXY : 0));
+
+		if (err) {
+			/* -EEXIST: another joiner wrote it; theirs, not ours to take back. */
+			count(err == -MB_EEXIST ? MB_CTR_PAIRS_REFUSED : MB_CTR_MAP_FULL, 1);
+			if (self_tx)
+				bpf_map_delete_elem(&mb_pairs, &st->self);
+			leave_maps(st);
+			return;
+		}
+	}
+	if (bpf_map_delete_elem(&mb_endpoints, ek)) {
+		/* Claimed by another joiner, or the first end closed. */
+		if (self_tx)
+			bpf_map_delete_elem(&mb_pairs, &st->self);
+		if (first_tx)
+			bpf_map_delete_elem(&mb_pairs, &first->key);
+		leave_maps(st);
+		count(MB_CTR_PAIRS_REFUSED, 1);
+		return;
+	}
+	if (!first_tx)
+		bpf_map_delete_elem(&mb_tx, &first->key);
+	if (!first_rx)
+		bpf_map_delete_elem(&mb_rx, &first->key);
+	if (!self_tx && !self_rx)
+		return; /* nothing to redirect either way: the pair stays on the stack */
+	st->flags |= MB_SK_TRACKED | (self->proxy ? MB_SK_PROXY : 0);
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+	count(MB_CTR_SOCKETS_TRACKED, 1);
+	count(plain ? MB_CTR_PAIRS_PLAIN : MB_CTR_PAIRS_NAT, 1);
 }
 
 /*
@@ -178,18 +295,24 @@ static __always_inline int join_maps(struct bpf_sock_ops *skops, struct mb_sk_st
  */
 static __always_inline void on_established(struct bpf_sock_ops *skops, int active)
 {
+	/* Every ctx field once, before any branch (see sock_key). */
+	__u32 snd_una = skops->snd_una, snd_nxt = skops->snd_nxt, rcv_nxt = skops->rcv_nxt;
+	__u32 acked = (__u32)skops->bytes_acked, received = (__u32)skops->bytes_received;
 	__u64 netns = bpf_get_netns_cookie(skops);
 	struct bpf_sock *sk = skops->sk;
 	struct mb_endpoint_key ek = {};
 	struct mb_endpoint ev = {};
+	struct mb_endpoint first;
 	struct mb_endpoint *other;
+	struct mb_end self = {};
 	struct mb_sk_state *st;
 	struct mb_pod *pod;
 	struct mb_pod *remote_pod;
-	__u32 can_rx, can_tx, is_proxy = 0, on_redirect_port = 0, remote_local, apps_tracked;
+	__u32 remote_local, apps_tracked;
 	__u32 kflags;
 	__u8 mode;
 
+	asm volatile("" ::: "memory");
 	if (!sk)
 		return;
 	pod = bpf_map_lookup_elem(&mb_netns, &netns);
@@ -215,61 +338,68 @@ static __always_inline void on_established(struct bpf_sock_ops *skops, int activ
 	 * another registered pod, or somewhere we know nothing of. */
 	remote_pod = bpf_map_lookup_elem(&mb_pods, st->self.remote_ip);
 	remote_local = is_loopback(st->self.remote_ip) || (remote_pod && remote_pod->netns == netns);
+	self.active = active;
+	self.dest_netns = remote_local ? netns : (remote_pod ? remote_pod->netns : 0);
 
 	/* Classify: proxy sockets are the proxy UID's active ones and the
 	 * accepted ones on the pod's redirect ports. */
 	if (active) {
 		if ((st->flags & MB_SK_HAVE_UID) && pod->proxy_uid != (__u32)~0 &&
 		    st->uid == pod->proxy_uid)
-			is_proxy = 1;
+			self.proxy = 1;
 	} else {
 		__u16 lp = st->self.local_port;
 
-		if ((pod->outbound_port && lp == pod->outbound_port) ||
-		    (pod->inbound_port && lp == pod->inbound_port)) {
-			is_proxy = 1;
-			on_redirect_port = 1;
-		}
+		if (pod->outbound_port && lp == pod->outbound_port)
+			self.ports |= MB_EP_OUTBOUND_PORT;
+		if (pod->inbound_port && lp == pod->inbound_port)
+			self.ports |= MB_EP_INBOUND_PORT;
+		self.proxy = self.ports != 0;
 	}
 	/* App sockets join the maps in `all`, and as senders in proxy-only
 	 * where being a member is harmless on this kernel. */
 	apps_tracked = mode == MB_MODE_ALL || (kflags & MB_KERNEL_SAFE_MEMBER);
-	can_rx = mode == MB_MODE_ALL || is_proxy;
-	can_tx = mode == MB_MODE_ALL || is_proxy || (kflags & MB_KERNEL_SAFE_MEMBER);
+	self.can_rx = mode == MB_MODE_ALL || self.proxy;
+	self.can_tx = mode == MB_MODE_ALL || self.proxy || (kflags & MB_KERNEL_SAFE_MEMBER);
 
 	/* Sockets that cannot have a tracked peer stay out entirely. */
-	if (!is_proxy && !apps_tracked)
+	if (!self.proxy && !apps_tracked)
 		return;
-	if (!remote_local && !remote_pod && (!active || is_proxy))
+	if (!self.dest_netns && (!active || self.proxy))
 		return; /* off-node or unregistered peer (proxies are not redirected) */
-	if (is_proxy && remote_local && !apps_tracked)
+	if (self.proxy && remote_local && !apps_tracked)
 		return; /* its peer is a local app, which stays out */
 
-	/* Bytes already on the stack (TCP Fast Open): keep those directions there. */
-	if (active && skops->data_segs_out > 0)
-		st->flags |= MB_SK_STICKY;
-	if (!active && skops->data_segs_in > 0)
-		can_rx = 0;
+	/* write_seq while no byte went through TCP: the ISN + 1 (the active
+	 * side's bytes_acked counts its SYN and any SYN data acknowledged). A
+	 * send that began before the socket joined the maps (TCP Fast Open)
+	 * moves write_seq without sk_msg seeing it; sk_msg compares. */
+	st->seq0 = active ? snd_una - acked + 1 : snd_nxt;
 
-	/* The endpoint key names the active side's local endpoint in its netns. */
+	/* The connection's name (struct mb_endpoint_key), from either end. */
 	if (active) {
 		ek.netns = netns;
 		__builtin_memcpy(ek.ip, st->self.local_ip, sizeof(ek.ip));
 		ek.port = st->self.local_port;
+		ek.seq_active = st->seq0;
+		ek.seq_passive = rcv_nxt - received;
 		ev.flags = MB_EP_ACTIVE;
 	} else {
-		ek.netns = remote_pod && !is_loopback(st->self.remote_ip) ? remote_pod->netns : netns;
+		ek.netns = self.dest_netns;
 		__builtin_memcpy(ek.ip, st->self.remote_ip, sizeof(ek.ip));
 		ek.port = st->self.remote_port;
+		ek.seq_active = rcv_nxt - received;
+		ek.seq_passive = snd_nxt;
 	}
 	ev.key = st->self;
-	ev.flags |= (can_rx ? MB_EP_CAN_RX : 0) | (can_tx ? MB_EP_CAN_TX : 0) |
-		    (on_redirect_port ? MB_EP_REDIRECT_PORT : 0) | (is_proxy ? MB_EP_PROXY : 0);
+	ev.dest_netns = self.dest_netns;
+	ev.flags |= (self.can_rx ? MB_EP_CAN_RX : 0) | (self.can_tx ? MB_EP_CAN_TX : 0) | self.ports |
+		    (self.proxy ? MB_EP_PROXY : 0);
 
 	other = bpf_map_lookup_elem(&mb_endpoints, &ek);
 	if (!other) {
 		/* First end: wait, in the maps our own class allows. */
-		if (!join_maps(skops, st, can_rx, can_tx))
+		if (!join_maps(skops, st, self.can_rx, self.can_tx))
 			return;
 		long err = bpf_map_update_elem(&mb_endpoints, &ek, &ev, BPF_NOEXIST);
 
@@ -277,83 +407,30 @@ static __always_inline void on_established(struct bpf_sock_ops *skops, int activ
 			/* -EEXIST: the other end raced us in and waits itself;
 			 * otherwise the map is full. Nobody pairs: stay on the
 			 * stack. */
-			bpf_map_delete_elem(&mb_tx, &st->self);
-			bpf_map_delete_elem(&mb_rx, &st->self);
-			st->flags &= ~MB_SK_IN_RX;
+			leave_maps(st);
 			count(err == -MB_EEXIST ? MB_CTR_PAIRS_REFUSED : MB_CTR_MAP_FULL, 1);
 			return;
 		}
 		st->ep = ek;
-		st->flags |= MB_SK_TRACKED | MB_SK_EP_OWNER | (is_proxy ? MB_SK_PROXY : 0);
+		st->flags |= MB_SK_TRACKED | MB_SK_EP_OWNER | (self.proxy ? MB_SK_PROXY : 0);
 		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 		count(MB_CTR_SOCKETS_TRACKED, 1);
 		return;
 	}
-	if (other->flags & MB_EP_AMBIGUOUS) {
+	/* A copy: the entry can be deleted under us. */
+	first = *other;
+	if (first.flags & MB_EP_AMBIGUOUS) {
 		count(MB_CTR_PAIRS_REFUSED, 1);
 		return;
 	}
-	if (((other->flags & MB_EP_ACTIVE) != 0) == (active != 0)) {
-		/* Two sockets claim one endpoint: nobody pairs on it while the
-		 * owner lives. */
+	if (((first.flags & MB_EP_ACTIVE) != 0) == (active != 0)) {
+		/* Two sockets claim one connection's name: nobody pairs on it
+		 * while the owner lives. */
 		other->flags |= MB_EP_AMBIGUOUS;
 		count(MB_CTR_PAIRS_REFUSED, 1);
 		return;
 	}
-
-	{
-		struct mb_sock_key a, p, first;
-		__u32 a_rx, a_tx, p_rx, p_tx, p_redirect, pair_flags, plain;
-		__u32 self_tx, self_rx, first_tx, first_rx;
-		__u32 first_can_rx = other->flags & MB_EP_CAN_RX;
-		__u32 first_can_tx = other->flags & MB_EP_CAN_TX;
-
-		first = other->key;
-		if (active) {
-			a = st->self;
-			a_rx = can_rx;
-			a_tx = can_tx;
-			p = first;
-			p_rx = first_can_rx;
-			p_tx = first_can_tx;
-			p_redirect = other->flags & MB_EP_REDIRECT_PORT;
-		} else {
-			a = first;
-			a_rx = first_can_rx;
-			a_tx = first_can_tx;
-			p = st->self;
-			p_rx = can_rx;
-			p_tx = can_tx;
-			p_redirect = on_redirect_port;
-		}
-		plain = addr_eq(a.remote_ip, p.local_ip) && a.remote_port == p.local_port;
-		if (!plain && !p_redirect) {
-			/* Translated by something other than our REDIRECT: unexplained. */
-			count(MB_CTR_PAIRS_REFUSED, 1);
-			return;
-		}
-		/* What each end needs now that both are known. */
-		self_tx = can_tx && first_can_rx;
-		self_rx = can_rx && first_can_tx;
-		first_tx = first_can_tx && can_rx;
-		first_rx = first_can_rx && can_tx;
-		bpf_map_delete_elem(&mb_endpoints, &ek);
-		if (!first_tx)
-			bpf_map_delete_elem(&mb_tx, &first);
-		if (!first_rx)
-			bpf_map_delete_elem(&mb_rx, &first);
-		if (!self_tx && !self_rx)
-			return; /* nothing to redirect either way: the pair stays on the stack */
-		if (!join_maps(skops, st, self_rx, self_tx))
-			return;
-		st->flags |= MB_SK_TRACKED | (is_proxy ? MB_SK_PROXY : 0);
-		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
-		count(MB_CTR_SOCKETS_TRACKED, 1);
-		pair_flags = plain ? 0 : MB_PAIR_NAT;
-		write_pair(&a, a_tx && p_rx, &p, pair_flags);
-		write_pair(&p, p_tx && a_rx, &a, pair_flags);
-		count(plain ? MB_CTR_PAIRS_PLAIN : MB_CTR_PAIRS_NAT, 1);
-	}
+	join(skops, st, &self, &first, &ek);
 }
 
 static __always_inline void on_close(struct bpf_sock_ops *skops)
@@ -367,12 +444,14 @@ static __always_inline void on_close(struct bpf_sock_ops *skops)
 	st = bpf_sk_storage_get(&mb_sk_state, sk, 0, 0);
 	if (!st || !(st->flags & MB_SK_TRACKED))
 		return;
-	bpf_map_delete_elem(&mb_pairs, &st->self);
+	/* The endpoint before the pair entry: a joiner writes our entry
+	 * before it claims the endpoint (see join). */
 	if (st->flags & MB_SK_EP_OWNER) {
 		e = bpf_map_lookup_elem(&mb_endpoints, &st->ep);
 		if (e && key_eq(&e->key, &st->self))
 			bpf_map_delete_elem(&mb_endpoints, &st->ep);
 	}
+	bpf_map_delete_elem(&mb_pairs, &st->self);
 	st->flags &= ~(MB_SK_TRACKED | MB_SK_EP_OWNER);
 	/* The kernel removes the socket from mb_tx and mb_rx itself. */
 }
@@ -413,6 +492,14 @@ int mb_sockops(struct bpf_sock_ops *skops)
 struct sock___mb {
 	void *sk_user_data;
 	int sk_rcvbuf;
+	int sk_rcvlowat;
+} __attribute__((preserve_access_index));
+
+struct tcp_sock___mb {
+	__u32 rcv_nxt;
+	__u32 copied_seq;
+	__u32 snd_una;
+	__u32 write_seq;
 } __attribute__((preserve_access_index));
 
 struct sk_psock___mb {
@@ -428,15 +515,32 @@ struct sk_msg___mb {
 #define MB_SK_USER_DATA_FLAGS 7UL  /* NOCOPY | BPF | PSOCK, tagged in the low bits */
 #define MB_QUEUE_FLOOR (1u << 20)  /* bound = max(receiver's sk_rcvbuf, 1 MiB) */
 
-/* Whether the socket this message was just redirected to holds more than its
- * bound (this message not counted yet). 0 when the kernel has no msg_tot_len
- * (before 6.14): there the bound is tcp_mem, as selftest reports. */
-static __always_inline int receiver_full(struct sk_msg_md *msg)
+/* Bytes in the redirect queue of socket `t`; ~0 when unreadable (taken as
+ * full: the safe side), 0 when it has no psock. */
+static __always_inline __u32 queued_at(struct sock___mb *t)
 {
-	struct sock___mb *t;
 	struct sk_psock___mb *ps;
 	__u64 ud = 0;
 	__u32 queued = 0;
+
+	if (bpf_core_read(&ud, sizeof(ud), &t->sk_user_data))
+		return ~0u;
+	if (!(ud & MB_SK_USER_DATA_PSOCK))
+		return 0;
+	ps = (void *)(ud & ~MB_SK_USER_DATA_FLAGS);
+	if (bpf_core_read(&queued, sizeof(queued), &ps->msg_tot_len))
+		return ~0u;
+	return queued;
+}
+
+/* The socket this message was just redirected to, when it holds more than
+ * its bound (this message not counted yet); 0 otherwise, and always 0 when
+ * the kernel has no msg_tot_len (before 6.14): there the bound is tcp_mem,
+ * as selftest reports. */
+static __always_inline __u64 receiver_full(struct sk_msg_md *msg)
+{
+	struct sock___mb *t;
+	__u32 queued;
 	int rcvbuf = 0;
 
 	if (!bpf_core_field_exists(struct sk_psock___mb, msg_tot_len))
@@ -444,18 +548,72 @@ static __always_inline int receiver_full(struct sk_msg_md *msg)
 	t = BPF_CORE_READ((struct sk_msg___mb *)msg, sk_redir);
 	if (!t)
 		return 0;
-	if (bpf_core_read(&ud, sizeof(ud), &t->sk_user_data))
-		return 1; /* unreadable: the safe side */
-	if (!(ud & MB_SK_USER_DATA_PSOCK))
-		return 0;
-	ps = (void *)(ud & ~MB_SK_USER_DATA_FLAGS);
-	if (bpf_core_read(&queued, sizeof(queued), &ps->msg_tot_len))
-		return 1;
+	queued = queued_at(t);
 	if (queued <= MB_QUEUE_FLOOR)
 		return 0; /* the common case: no third read */
-	if (bpf_core_read(&rcvbuf, sizeof(rcvbuf), &t->sk_rcvbuf))
-		return 1;
-	return queued > (__u32)rcvbuf;
+	if (bpf_core_read(&rcvbuf, sizeof(rcvbuf), &t->sk_rcvbuf) || queued > (__u32)rcvbuf)
+		return (__u64)t;
+	return 0;
+}
+
+/* This socket's write_seq: sk_msg runs inside sendmsg under the socket's
+ * lock, so no byte can enter TCP while we look. ~seq0 when unreadable. */
+static __always_inline __u32 write_seq(struct bpf_sock *sk, __u32 seq0)
+{
+	struct tcp_sock___mb *tp = (void *)bpf_skc_to_tcp_sock(sk);
+	__u32 wseq;
+
+	if (!tp || bpf_core_read(&wseq, sizeof(wseq), &tp->write_seq))
+		return ~seq0;
+	return wseq;
+}
+
+/* Which drain conditions may_resume checks: all of them. Only the tests
+ * that prove each condition necessary load the program with one removed
+ * (meshbypass_ebpf::LoadOptions); the loader never does otherwise. */
+const volatile __u32 mb_drain_checks = MB_DRAIN_SENDER_ACKED | MB_DRAIN_RECEIVER_READ;
+
+/*
+ * Resuming a direction that went to the stack because its receiver was full.
+ * Redirected bytes must not overtake stack bytes, so: every byte the sender
+ * gave TCP is acknowledged (snd_una == write_seq: the receiver's TCP has it),
+ * the receiver read all of it (copied_seq == rcv_nxt; tcp_bpf reads its
+ * redirect queue first, so that one is drained too) and nothing waits in the
+ * redirect queue. The sender's lock is held here, so no byte of it can enter
+ * TCP meanwhile; values read racily can only be stale in the direction that
+ * says "not yet". Only for proxy receivers: a reader blocked inside
+ * tcp_recvmsg() for more stack bytes (MSG_WAITALL, SO_RCVLOWAT) would not see
+ * redirected ones; proxies read non-blocking (the blocking-read hazard makes
+ * that a premise of redirecting into them at all), and SO_RCVLOWAT is checked.
+ * On success the sender's new baseline is its write_seq.
+ */
+static __always_inline int may_resume(struct bpf_sock *sk, struct mb_sk_state *st)
+{
+	struct tcp_sock___mb *tx = (void *)bpf_skc_to_tcp_sock(sk);
+	struct tcp_sock___mb *rx = (void *)st->target;
+	struct sock___mb *rxsk = (void *)st->target;
+	__u32 una = 1, wseq = 0, copied = 1, nxt = 0;
+	int lowat = 2;
+
+	if (!tx || !rx)
+		return 0;
+	if (bpf_core_read(&una, sizeof(una), &tx->snd_una) ||
+	    bpf_core_read(&wseq, sizeof(wseq), &tx->write_seq))
+		return 0;
+	if ((mb_drain_checks & MB_DRAIN_SENDER_ACKED) && una != wseq)
+		return 0;
+	/* copied_seq first: it only grows towards rcv_nxt. */
+	if (bpf_core_read(&copied, sizeof(copied), &rx->copied_seq) ||
+	    bpf_core_read(&nxt, sizeof(nxt), &rx->rcv_nxt))
+		return 0;
+	if ((mb_drain_checks & MB_DRAIN_RECEIVER_READ) && copied != nxt)
+		return 0;
+	if (bpf_core_read(&lowat, sizeof(lowat), &rxsk->sk_rcvlowat) || lowat > 1)
+		return 0;
+	if (queued_at(rxsk) != 0)
+		return 0;
+	st->seq0 = wseq;
+	return 1;
 }
 
 static __always_inline int pass(struct mb_sk_state *st, __u32 size)
@@ -488,9 +646,22 @@ int mb_sk_msg(struct sk_msg_md *msg)
 	st = bpf_sk_storage_get(&mb_sk_state, sk, 0, 0);
 	if (!st)
 		return pass(st, size);
-	/* Never reorder: once a byte of this direction took the stack, all do. */
-	if (st->flags & MB_SK_STICKY)
-		return pass(0, size);
+	/* Never reorder: once a byte of this direction took the stack, all do,
+	 * unless the stack path drained behind a full proxy receiver. */
+	if (st->flags & MB_SK_STICKY) {
+		if (!(st->flags & MB_SK_RESUMABLE) || !may_resume(sk, st))
+			return pass(0, size);
+		st->flags &= ~(MB_SK_STICKY | MB_SK_RESUMABLE);
+		st->target = 0;
+		count(MB_CTR_RESUMED, 1);
+	}
+	/* ... and bytes can take the stack without sk_msg: a send that began
+	 * before the socket joined the maps finishes on TCP (a blocking
+	 * sendto(MSG_FASTOPEN) waits for the handshake, then writes the rest). */
+	if (write_seq(sk, st->seq0) != st->seq0) {
+		count(MB_CTR_STACK_BYTES, 1);
+		return pass(st, size);
+	}
 
 	if (st->flags & MB_SK_PEER_KNOWN) {
 		if (bpf_msg_redirect_hash(msg, &mb_rx, &st->peer, BPF_F_INGRESS) == SK_PASS)
@@ -502,23 +673,30 @@ int mb_sk_msg(struct sk_msg_md *msg)
 	if (!pair)
 		return pass(st, size);
 	/* bpf_msg_redirect_hash returns SK_DROP when the peer is not in mb_rx:
-	 * then this message, and the direction, go through the stack. */
+	 * then this message, and the direction, go through the stack. The key
+	 * carries the peer's socket cookie: only that very socket matches. */
 	if (bpf_msg_redirect_hash(msg, &mb_rx, &pair->peer, BPF_F_INGRESS) != SK_PASS) {
 		count(MB_CTR_REDIRECT_FAILED, 1);
 		return pass(st, size);
 	}
 	/* Cache only after a redirect succeeded. */
 	st->peer = pair->peer;
-	st->flags |= MB_SK_PEER_KNOWN;
+	st->flags |= MB_SK_PEER_KNOWN | ((pair->flags & MB_PAIR_PEER_PROXY) ? MB_SK_PEER_PROXY : 0);
 redirected:
 	{
 		struct mb_counters *c = counters();
 		/* This message goes to the peer regardless (a redirect cannot be
 		 * taken back); the direction's next ones take the stack. */
-		int full = receiver_full(msg);
+		__u64 target = receiver_full(msg);
+		__u32 full = target != 0;
 
-		if (full)
+		if (full) {
 			st->flags |= MB_SK_STICKY;
+			if (st->flags & MB_SK_PEER_PROXY) {
+				st->flags |= MB_SK_RESUMABLE;
+				st->target = target;
+			}
+		}
 		if (c) {
 			c->v[MB_CTR_REDIRECTED_MSGS] += 1;
 			c->v[MB_CTR_REDIRECTED_BYTES] += size;

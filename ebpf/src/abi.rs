@@ -8,7 +8,13 @@ use std::{
 };
 
 /// `MB_LAYOUT_VERSION`: stamped into `mb_config` once every pin exists.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
+
+/// `MB_DRAIN_SENDER_ACKED`: a direction resumes only once every byte its
+/// sender gave TCP is acknowledged.
+pub const DRAIN_SENDER_ACKED: u32 = 1 << 0;
+/// `MB_DRAIN_RECEIVER_READ`: ... and its receiver read every byte TCP gave it.
+pub const DRAIN_RECEIVER_READ: u32 = 1 << 1;
 
 /// `MB_KERNEL_PROBED`: a selftest verdict was recorded.
 pub const KERNEL_PROBED: u32 = 1 << 0;
@@ -102,7 +108,8 @@ impl From<Ipv4Addr> for Addr {
     }
 }
 
-/// `struct mb_sock_key`: one TCP socket, its netns and its 4-tuple.
+/// `struct mb_sock_key`: one TCP socket, its netns, its 4-tuple and its
+/// socket cookie (never reused: a key names that very socket).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct SockKey {
@@ -114,9 +121,12 @@ pub struct SockKey {
     /// Host order.
     pub remote_port: u16,
     pub pad: u32,
+    pub cookie: u64,
 }
 
-/// `struct mb_endpoint_key`: the active side's local endpoint in its netns.
+/// `struct mb_endpoint_key`: one connection as both its ends name it at
+/// establishment: the active side's local endpoint in its netns and both
+/// initial sequence numbers (+1).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct EndpointKey {
@@ -124,6 +134,8 @@ pub struct EndpointKey {
     pub ip: Addr,
     pub port: u16,
     pub pad0: u16,
+    pub seq_active: u32,
+    pub seq_passive: u32,
     pub pad1: u32,
 }
 
@@ -132,6 +144,8 @@ pub struct EndpointKey {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Endpoint {
     pub key: SockKey,
+    /// The netns its remote endpoint is in; 0 = none we know.
+    pub dest_netns: u64,
     pub flags: u32,
     pub pad: u32,
 }
@@ -147,6 +161,8 @@ pub struct Pair {
 
 /// `MB_PAIR_NAT`.
 pub const PAIR_NAT: u32 = 1;
+/// `MB_PAIR_PEER_PROXY`: the receiving end is the sidecar proxy's socket.
+pub const PAIR_PEER_PROXY: u32 = 1 << 1;
 
 /// `struct mb_pod`: a registered pod, by IP (`mb_pods`) and by netns (`mb_netns`).
 #[repr(C)]
@@ -183,17 +199,20 @@ pub struct SkState {
     pub uid: u32,
     pub gid: u32,
     pub flags: u32,
-    pub pad: u32,
+    /// write_seq while no byte of the socket went through TCP.
+    pub seq0: u32,
+    /// Kernel address of the peer socket while a direction may resume.
+    pub target: u64,
 }
 
 const _: () = assert!(size_of::<Addr>() == 16);
-const _: () = assert!(size_of::<SockKey>() == 48);
-const _: () = assert!(size_of::<EndpointKey>() == 32);
-const _: () = assert!(size_of::<Endpoint>() == 56);
-const _: () = assert!(size_of::<Pair>() == 56);
+const _: () = assert!(size_of::<SockKey>() == 56);
+const _: () = assert!(size_of::<EndpointKey>() == 40);
+const _: () = assert!(size_of::<Endpoint>() == 72);
+const _: () = assert!(size_of::<Pair>() == 64);
 const _: () = assert!(size_of::<Pod>() == 24);
 const _: () = assert!(size_of::<Config>() == 24);
-const _: () = assert!(size_of::<SkState>() == 144);
+const _: () = assert!(size_of::<SkState>() == 176);
 
 // SAFETY: plain `#[repr(C)]` data without padding holes the kernel reads;
 // every field is an integer, so every bit pattern is valid.
@@ -274,6 +293,8 @@ pub enum Counter {
     PassthroughBytes = 9,
     Sticky = 10,
     ReceiverFull = 11,
+    Resumed = 12,
+    StackBytes = 13,
 }
 
 /// `MB_CTR_MAX`: slots of `struct mb_counters`.
@@ -292,7 +313,7 @@ const _: () = assert!(size_of::<CounterBlock>() == 128);
 unsafe impl aya::Pod for CounterBlock {}
 
 impl Counter {
-    pub const ALL: [Counter; 12] = [
+    pub const ALL: [Counter; 14] = [
         Self::SocketsTracked,
         Self::PairsPlain,
         Self::PairsNat,
@@ -305,6 +326,8 @@ impl Counter {
         Self::PassthroughBytes,
         Self::Sticky,
         Self::ReceiverFull,
+        Self::Resumed,
+        Self::StackBytes,
     ];
 
     /// The name used in `status --json` and in metrics.
@@ -322,6 +345,8 @@ impl Counter {
             Self::PassthroughBytes => "passthrough_bytes",
             Self::Sticky => "sticky_directions",
             Self::ReceiverFull => "receiver_full",
+            Self::Resumed => "resumed",
+            Self::StackBytes => "stack_bytes",
         }
     }
 }

@@ -16,7 +16,7 @@ pub mod selftest;
 mod sys;
 
 pub use abi::{Counter, Mode};
-pub use loader::{LoadOutcome, Node, load, unload};
+pub use loader::{LoadOptions, LoadOutcome, Node, load, load_with, unload};
 pub use pods::PodEntry;
 
 /// The compiled kernel programs (built by build.rs with clang).

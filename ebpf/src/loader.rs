@@ -132,9 +132,33 @@ pub struct Node {
     pub(crate) rx: SockHash<MapData, SockKey>,
 }
 
+/// How the programs are loaded when this call creates or replaces them.
+/// The default is the only setting for a node; the others exist for the
+/// tests that prove each safety condition necessary by removing it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// `MB_DRAIN_*`: the conditions a direction sent to the stack by a
+    /// full receiver must meet before it returns to the bypass.
+    pub drain_checks: u32,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            drain_checks: crate::abi::DRAIN_SENDER_ACKED | crate::abi::DRAIN_RECEIVER_READ,
+        }
+    }
+}
+
 /// Creates the node's pins under `root`, or reuses them. Safe to call from
 /// any number of processes at once.
 pub fn load(root: &Path) -> Result<(Node, LoadOutcome), LoadError> {
+    load_with(root, &LoadOptions::default())
+}
+
+/// [`load`] with `options` for programs this call loads (a reused node keeps
+/// its programs as they are).
+pub fn load_with(root: &Path, options: &LoadOptions) -> Result<(Node, LoadOutcome), LoadError> {
     bpffs::ensure_root(root)?;
     let _lock = RootLock::acquire(root)?;
     let pins = Pins::new(root);
@@ -145,7 +169,7 @@ pub fn load(root: &Path) -> Result<(Node, LoadOutcome), LoadError> {
             LoadOutcome::Reused
         }
         Some(cfg) if cfg.layout_version == LAYOUT_VERSION => {
-            upgrade(&pins)?;
+            upgrade(&pins, options)?;
             LoadOutcome::Upgraded
         }
         Some(cfg) if cfg.layout_version != 0 => {
@@ -158,7 +182,7 @@ pub fn load(root: &Path) -> Result<(Node, LoadOutcome), LoadError> {
         // No stamp, or a creator died before writing it: start over.
         _ => {
             remove_pins(&pins)?;
-            create(&pins)?;
+            create(&pins, options)?;
             LoadOutcome::Created
         }
     };
@@ -167,10 +191,10 @@ pub fn load(root: &Path) -> Result<(Node, LoadOutcome), LoadError> {
     Ok((node, outcome))
 }
 
-fn create(pins: &Pins) -> Result<(), LoadError> {
+fn create(pins: &Pins, options: &LoadOptions) -> Result<(), LoadError> {
     bpffs::mkdir_0700(&pins.progs_dir())?;
     bpffs::mkdir_0700(&pins.links_dir())?;
-    load_programs(pins, "")?;
+    load_programs(pins, "", options)?;
     attach_sk_msg(pins)?;
     // The stamp goes last: its presence means every pin above exists.
     let mut config: Array<MapData, Config> = open_map(pins, "mb_config")?;
@@ -197,8 +221,8 @@ fn create(pins: &Pins) -> Result<(), LoadError> {
 /// now on), every pod's link pointed at the new sockops program, then the
 /// object hash recorded. A link that cannot be updated keeps the old
 /// program (same layout: it still works) and is logged.
-fn upgrade(pins: &Pins) -> Result<(), LoadError> {
-    load_programs(pins, NEW_SUFFIX)?;
+fn upgrade(pins: &Pins, options: &LoadOptions) -> Result<(), LoadError> {
+    load_programs(pins, NEW_SUFFIX, options)?;
     for name in [pins::PROG_SOCKOPS, pins::PROG_SK_MSG] {
         let (tmp, path) = (tmp_pin(pins, name, NEW_SUFFIX), pins.prog(name));
         fs::rename(&tmp, &path).map_err(|source| LoadError::Rename {
@@ -248,10 +272,11 @@ fn tmp_pin(pins: &Pins, name: &str, suffix: &str) -> PathBuf {
 
 /// Loads both programs from the embedded object (its maps are the pinned
 /// ones, created when absent) and pins them as `progs/<name><suffix>`.
-fn load_programs(pins: &Pins, suffix: &str) -> Result<(), LoadError> {
+fn load_programs(pins: &Pins, suffix: &str, options: &LoadOptions) -> Result<(), LoadError> {
     let root = pins.root();
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(root)
+        .override_global("mb_drain_checks", &options.drain_checks, true)
         .load(OBJECT)
         .map_err(|e| LoadError::Ebpf(Box::new(e)))?;
 

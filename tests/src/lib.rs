@@ -202,8 +202,13 @@ pub struct BpfRoot {
 
 impl BpfRoot {
     pub fn load() -> Self {
+        Self::load_with(&meshbypass_ebpf::LoadOptions::default())
+    }
+
+    /// [`BpfRoot::load`] with programs loaded with `options`.
+    pub fn load_with(options: &meshbypass_ebpf::LoadOptions) -> Self {
         let path = PathBuf::from("/sys/fs/bpf").join(unique("root"));
-        let (node, _) = meshbypass_ebpf::load(&path).expect("load the programs");
+        let (node, _) = meshbypass_ebpf::load_with(&path, options).expect("load the programs");
         Self {
             path,
             node: Mutex::new(node),
@@ -373,10 +378,16 @@ impl Peer {
 
     /// Sends one command line (interactive role) and returns the reply.
     pub fn ask(&mut self, cmd: &str) -> String {
+        self.send_line(cmd);
+        self.line(Duration::from_secs(30))
+    }
+
+    /// Sends one command line without waiting for the reply ([`Peer::line`]
+    /// reads it): several peers can then act at once.
+    pub fn send_line(&mut self, cmd: &str) {
         let stdin = self.stdin.as_mut().expect("stdin");
         writeln!(stdin, "{cmd}").expect("write to mb-peer");
         stdin.flush().expect("flush");
-        self.line(Duration::from_secs(30))
     }
 
     /// Ends the process now (by PID) and reaps it.

@@ -1010,7 +1010,7 @@ fn junk_key(i: u32) -> SockKey {
         remote_ip: Addr::from(std::net::Ipv4Addr::new(10, 99, 255, 255)),
         local_port: 1,
         remote_port: 2,
-        pad: 0,
+        ..SockKey::default()
     }
 }
 
@@ -1032,8 +1032,7 @@ fn fill(bed: &Bed, which: &str) -> u32 {
                     netns: k.netns,
                     ip: k.local_ip,
                     port: 1,
-                    pad0: 0,
-                    pad1: 0,
+                    ..EndpointKey::default()
                 };
                 if m.insert(ek, Endpoint::default(), 0).is_err() {
                     break;

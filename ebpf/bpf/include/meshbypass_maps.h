@@ -11,7 +11,7 @@
 #include <linux/types.h>
 
 /* Stamped into mb_config by the shared loader once every pin exists. */
-#define MB_LAYOUT_VERSION 3
+#define MB_LAYOUT_VERSION 4
 
 /* Acceleration modes, as written by the plugin into struct mb_pod.mode. */
 #define MB_MODE_AUTO 0       /* all if the node's selftest passed, else proxy-only */
@@ -19,6 +19,12 @@
 #define MB_MODE_PROXY_ONLY 2 /* redirect only into the sidecar proxy's sockets; app sockets
                              * join mb_tx only where the kernel is SAFE_MEMBER */
 #define MB_MODE_OFF 3        /* track nothing */
+
+/* The drain conditions of resuming a direction (the program's
+ * mb_drain_checks, a load-time constant: always both, except in the tests
+ * that prove each one necessary). */
+#define MB_DRAIN_SENDER_ACKED (1u << 0)  /* every byte the sender gave TCP is acknowledged */
+#define MB_DRAIN_RECEIVER_READ (1u << 1) /* the receiver read every byte TCP gave it */
 
 /* mb_config.kernel_flags */
 #define MB_KERNEL_PROBED (1u << 0)   /* a selftest verdict was recorded */
@@ -50,6 +56,8 @@ enum mb_counter {
 	MB_CTR_PASSTHROUGH_BYTES = 9,
 	MB_CTR_STICKY = 10,          /* directions pinned to the stack for their life */
 	MB_CTR_RECEIVER_FULL = 11,   /* directions sent back to the stack: the receiver's queue was over its bound */
+	MB_CTR_RESUMED = 12,         /* ... and redirected again once both paths had drained (proxy receivers) */
+	MB_CTR_STACK_BYTES = 13,     /* directions sent to the stack: bytes went through TCP unseen (TCP Fast Open) */
 	MB_CTR_MAX = 16,
 };
 
@@ -63,8 +71,11 @@ struct mb_addr {
 	__u32 a[4];
 };
 
-/* One TCP socket: its netns and its 4-tuple as the socket sees it. Key of
- * mb_tx, mb_rx and mb_pairs. Ports in host order. */
+/* One TCP socket: its netns, its 4-tuple as the socket sees it and its
+ * socket cookie. Key of mb_tx, mb_rx and mb_pairs. The cookie makes a key
+ * name that very socket: a later socket with the same 4-tuple (a port
+ * reused while an old peer still refers to it) has another cookie, and
+ * cookies are never reused. Ports in host order. */
 struct mb_sock_key {
 	__u64 netns; /* netns cookie: loopback and 127.0.0.6 repeat across pods */
 	__u32 local_ip[4];
@@ -72,36 +83,46 @@ struct mb_sock_key {
 	__u16 local_port;
 	__u16 remote_port;
 	__u32 pad; /* zero */
+	__u64 cookie; /* bpf_get_socket_cookie() */
 };
 
-/* The active side's local endpoint, in the active socket's netns. The passive
- * side finds the same key from its remote endpoint, whatever NAT did to its
- * local one. Key of mb_endpoints. */
+/* One TCP connection as both its ends can name it at establishment: the
+ * active side's local endpoint in its netns (iptables REDIRECT rewrites only
+ * the destination, so the passive side reads it as its remote endpoint) and
+ * the two initial sequence numbers (+1), which NAT leaves alone and which
+ * tell apart connections that share the local endpoint (Linux lets one
+ * local port carry connections to different destinations). Key of
+ * mb_endpoints. */
 struct mb_endpoint_key {
 	__u64 netns;
 	__u32 ip[4];
 	__u16 port;
 	__u16 pad0;
+	__u32 seq_active;  /* the active side's ISN + 1 */
+	__u32 seq_passive; /* the passive side's ISN + 1 */
 	__u32 pad1;
 };
 
 /* mb_endpoint.flags */
 #define MB_EP_ACTIVE (1u << 0)        /* the waiting socket connected (else it accepted) */
 #define MB_EP_CAN_RX (1u << 1)        /* it is in mb_rx: data may be redirected into it */
-#define MB_EP_REDIRECT_PORT (1u << 2) /* passive, on its pod's outbound or inbound proxy port */
+#define MB_EP_OUTBOUND_PORT (1u << 2) /* passive, on its pod's outbound proxy port */
 #define MB_EP_AMBIGUOUS (1u << 3)     /* two sockets claimed this endpoint: pair nobody */
 #define MB_EP_PROXY (1u << 4)         /* the waiting socket is the sidecar proxy's */
 #define MB_EP_CAN_TX (1u << 5)        /* it is in mb_tx: its sends may be redirected */
+#define MB_EP_INBOUND_PORT (1u << 6)  /* passive, on its pod's inbound proxy port */
 
 /* The first of two sockets to establish, waiting for its other end. */
 struct mb_endpoint {
 	struct mb_sock_key key;
-	__u32 flags; /* MB_EP_* */
+	__u64 dest_netns; /* the netns its remote endpoint is in; 0 = none we know */
+	__u32 flags;      /* MB_EP_* */
 	__u32 pad;
 };
 
 /* mb_pair.flags */
 #define MB_PAIR_NAT (1u << 0)
+#define MB_PAIR_PEER_PROXY (1u << 1) /* the receiving end is the sidecar proxy's socket */
 
 /* A socket's paired peer: present only for directions allowed to redirect. */
 struct mb_pair {
@@ -136,8 +157,10 @@ struct mb_config {
 #define MB_SK_PROXY (1u << 2)     /* the sidecar proxy's socket */
 #define MB_SK_IN_RX (1u << 3)     /* in mb_rx */
 #define MB_SK_EP_OWNER (1u << 4)  /* it created mb_endpoints[ep] */
-#define MB_SK_STICKY (1u << 5)    /* a byte it sent went through the stack: never redirect */
+#define MB_SK_STICKY (1u << 5)    /* a byte it sent went through the stack: on the stack it stays */
 #define MB_SK_PEER_KNOWN (1u << 6) /* peer holds a key a redirect already succeeded with */
+#define MB_SK_PEER_PROXY (1u << 7) /* the peer is a proxy socket (from mb_pair.flags) */
+#define MB_SK_RESUMABLE (1u << 8)  /* sticky only because the receiver was full: may resume */
 
 /* Per-socket state (socket local storage). */
 struct mb_sk_state {
@@ -147,7 +170,8 @@ struct mb_sk_state {
 	__u32 uid;
 	__u32 gid;
 	__u32 flags; /* MB_SK_* */
-	__u32 pad;
+	__u32 seq0;  /* write_seq while no byte of this socket went through TCP */
+	__u64 target; /* kernel address of the peer socket, kept while MB_SK_RESUMABLE */
 };
 
 #ifdef __BPF__

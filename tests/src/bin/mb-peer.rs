@@ -10,6 +10,7 @@
 //!   torture --connect ADDR --conns N ...     many checksummed echo exchanges at once (torture suite)
 //!   sink --listen ADDR [--stall-ms N]        a slow reader that checks what a `flood` sends
 //!   flood --connect ADDR --bytes N           a fast writer into a sink, reporting its progress
+//!   script                                   named sockets driven from stdin (see script.rs)
 //!
 //! echo: --reader read|splice|fionread (--reader splice reads like --splice, with the torture checks)
 //! torture: --conns N --concurrency C --min-size B --max-size B [--duration-ms D] [--hold]
@@ -34,6 +35,9 @@ use std::{
 };
 
 use anyhow::{Context, bail};
+
+#[path = "mb-peer/script.rs"]
+mod script;
 
 /// The I/O deadline (20 s unless --deadline-ms says otherwise).
 static DEADLINE_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(20_000);
@@ -212,6 +216,7 @@ fn main() -> anyhow::Result<()> {
         "proxy" => proxy(a.listen.context("--listen")?, a.to, a.torture.close_on_error),
         "client" => client(a.connect.context("--connect")?, &a.sizes, a.seed),
         "interactive" => interactive(a.connect.context("--connect")?, a.seed),
+        "script" => script::run(),
         "exec" => {
             use std::os::unix::process::CommandExt;
             let (prog, args) = a.exec.split_first().context("exec needs -- PROGRAM")?;

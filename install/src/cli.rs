@@ -28,9 +28,10 @@ commands:
              (--json for one JSON object)
   selftest   probe this kernel's sockmap hazards in a private netns and
              cgroup; records the verdict when the maps are loaded (--json)
-  install    one shot, for hosts without Kubernetes: load (as `load`), copy
-             the plugin into the CNI bin dir, chain it into the primary
-             conflist
+  install    one shot, for hosts without Kubernetes: check the settings
+             with the plugin's parser, load (as `load`; a failure is a
+             warning: the plugin is installed anyway), copy the plugin into
+             the CNI bin dir, chain it into the primary conflist
   uninstall  one shot: remove our conflist entry, then the plugin binary;
              the maps stay unless --cleanup
   run        the DaemonSet's main: load, install, keep installed (inotify),

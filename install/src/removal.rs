@@ -26,7 +26,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use meshbypass_cni::kubeapi::{ApiError, Client};
+use meshbypass_cni::kubeapi::Client;
 use serde::Deserialize;
 
 use crate::{installer::KubeSetup, kubeconfig};
@@ -175,7 +175,7 @@ fn ask(client: &Client, ds: &DaemonSetRef, budget: Duration) -> Verdict {
                         ),
                     };
                 }
-                _ => describe(&e),
+                _ => crate::cmd::chain(&e),
             },
         };
         if Instant::now() + PAUSE >= deadline {
@@ -189,10 +189,6 @@ fn ask(client: &Client, ds: &DaemonSetRef, budget: Duration) -> Verdict {
         log::warn!("asking for DaemonSet {ds}: {last}; trying again");
         thread::sleep(PAUSE);
     }
-}
-
-fn describe(e: &ApiError) -> String {
-    crate::cmd::chain(e)
 }
 
 #[cfg(test)]

@@ -9,6 +9,8 @@ packages=(
   haproxy nginx-light wrk curl python3   # sidecars, app, load (tests, demo, benchmark)
   containerd runc busybox-static         # the CRI test: a real runtime, its pause image
   protobuf-compiler                      # protoc: the CRI client's generated API
+  musl-tools                             # the static (musl) build: scripts/build-static.sh
+  podman                                 # the node image without a registry: scripts/image.sh
   ca-certificates
 )
 missing=()
@@ -24,6 +26,16 @@ fi
 if ! command -v cargo >/dev/null; then
   echo "cargo not found: install a Rust toolchain (rustup, stable >= 1.88)" >&2
   exit 1
+fi
+# The static plugin and agent (scripts/build-static.sh).
+musl=x86_64-unknown-linux-musl
+if [[ ! -d $(rustc --print target-libdir --target "$musl" 2>/dev/null) ]]; then
+  if command -v rustup >/dev/null; then
+    rustup target add "$musl"
+  else
+    echo "the $musl Rust target is missing and there is no rustup to add it" >&2
+    exit 1
+  fi
 fi
 # The bpf filesystem (the loader mounts it too; tests pin under it).
 if ! mountpoint -q /sys/fs/bpf; then

@@ -11,6 +11,9 @@ fi
 scripts/deps.sh
 
 cargo build --workspace --locked
+# The static (musl) plugin and agent: install/tests/image.rs checks them and
+# builds the node image from them.
+scripts/build-static.sh >/dev/null
 if cargo fmt --version >/dev/null 2>&1; then
   cargo fmt --all --check
 fi

@@ -10,7 +10,7 @@ use std::{
 };
 
 use log::warn;
-use meshbypass_ebpf::{Mode, Node, PodEntry, loader::OpenError};
+use meshbypass_ebpf::{Mode, Node, PodEntry, attach::valid_link_name, loader::OpenError, pins::Pins};
 
 use crate::{
     cgroup,
@@ -112,11 +112,18 @@ fn undo(node: &mut Node, id: &str, cookie: u64) {
 }
 
 /// Detaches the container's link and removes the pod's entries. Maps that
-/// were never loaded hold nothing to remove.
+/// were never loaded hold nothing to remove. Maps this plugin cannot use
+/// (another layout, pins half gone) never got this pod's entries from it:
+/// its link pin (if another build made one) is removed by path, the rest
+/// stays with those maps, and DEL succeeds; failing it would only make the
+/// runtime retry a DEL that can never do more, and keep the pod's sandbox.
 pub fn remove(bpf_root: &Path, container_id: &str, cookie: Option<u64>) -> Result<(), CniError> {
     let mut node = match Node::open(bpf_root) {
         Ok(n) => n,
         Err(OpenError::NotLoaded { .. }) => return Ok(()),
+        Err(e @ (OpenError::LayoutMismatch { .. } | OpenError::Incomplete { .. })) => {
+            return remove_link_pin(bpf_root, container_id, &e);
+        }
         Err(e) => {
             return Err(CniError::Bpf {
                 action: "open the node's maps to remove the pod",
@@ -133,6 +140,29 @@ pub fn remove(bpf_root: &Path, container_id: &str, cookie: Option<u64>) -> Resul
             action: "remove the pod's map entries",
             source: Box::new(e),
         })?;
+    }
+    Ok(())
+}
+
+fn remove_link_pin(bpf_root: &Path, container_id: &str, why: &OpenError) -> Result<(), CniError> {
+    if !valid_link_name(container_id) {
+        return Ok(());
+    }
+    let pin = Pins::new(bpf_root).link(container_id);
+    match std::fs::remove_file(&pin) {
+        Ok(()) => warn!(
+            "{why}: removed the pod's link {} only; its map entries stay with those maps",
+            pin.display()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            warn!("{why}: the pod has nothing in them to remove")
+        }
+        Err(e) => {
+            return Err(CniError::Bpf {
+                action: "detach the pod's bypass",
+                source: Box::new(e),
+            });
+        }
     }
     Ok(())
 }

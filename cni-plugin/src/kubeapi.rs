@@ -206,6 +206,14 @@ impl Client {
         }
     }
 
+    /// One `GET {server}{path}` with `budget` for all of it, decoded as `T`; no retry, so the
+    /// caller sees each answer's status (the node agent tells "gone" from "cannot say").
+    pub fn get_once<T: DeserializeOwned>(&self, path: &str, budget: Duration) -> Result<T, ApiError> {
+        let url = format!("{}{path}", self.server);
+        let body = self.attempt(&url, budget)?;
+        serde_json::from_slice(&body).map_err(|source| ApiError::Decode { url, source })
+    }
+
     /// One request with `budget` for all of it; the body of a 200.
     fn attempt(&self, url: &str, budget: Duration) -> Result<Vec<u8>, ApiError> {
         let transport = |source| ApiError::Transport {

@@ -102,9 +102,14 @@ pub enum KubeconfigError {
 /// Reads and resolves the kubeconfig at `path`, with the files it names.
 pub fn load(path: &Path) -> Result<ApiAccess, KubeconfigError> {
     let text = read_bounded(path)?;
+    parse(&text, path.parent().unwrap_or(Path::new("/")))
+}
+
+/// Resolves a kubeconfig document held in memory; relative paths in it are relative to `base`.
+/// (The node agent asks the API server with what it writes for the plugin, before writing it.)
+pub fn parse(text: &[u8], base: &Path) -> Result<ApiAccess, KubeconfigError> {
     let raw: RawKubeconfig =
-        serde_yaml_ng::from_slice(&text).map_err(|source| KubeconfigError::Parse { source })?;
-    let base = path.parent().unwrap_or(Path::new("/"));
+        serde_yaml_ng::from_slice(text).map_err(|source| KubeconfigError::Parse { source })?;
     resolve(raw, base)
 }
 

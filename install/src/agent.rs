@@ -4,13 +4,20 @@
 //!    thread starts, so every thread inherits the mask);
 //! 2. the HTTP listener is bound (`/readyz`, `/healthz`, `/metrics`);
 //! 3. the shared loader loads or adopts the node's maps; the kernel
-//!    selftest runs once per node (its verdict is kept in `mb_config`);
-//! 4. then one loop: reconcile (binary, kubeconfig, conflist entry), wait
-//!    for inotify events, a signal or the next GC tick; events are
-//!    coalesced for up to [`SETTLE_MAX`] before reconciling;
-//! 5. on a signal: not ready, our conflist entry out, then the binary and
-//!    the kubeconfig; pins and per-pod links stay (running pods keep their
-//!    bypass) unless `--cleanup`.
+//!    selftest runs once per node (its verdict is kept in `mb_config`).
+//!    A failed load does not stop the agent: the plugin is installed
+//!    anyway (pods get their redirect; the plugin skips the bypass and says
+//!    so in its log), `/readyz` and the metrics name the error, and the load
+//!    is retried every [`LOAD_RETRY`];
+//! 4. then one loop: reconcile (settings checked by the plugin's own parser,
+//!    binary, kubeconfig, conflist entry), wait for inotify events, a signal
+//!    or the next GC tick; events are coalesced for up to [`SETTLE_MAX`]
+//!    before reconciling. A settings file the parser refuses leaves the
+//!    last good entry in the conflist;
+//! 5. on a signal: not ready; then the plugin stays where it is, unless the
+//!    DaemonSet is being deleted (`removal.rs`): then our conflist entry
+//!    goes, then the binary and the kubeconfig. Pins and per-pod links stay
+//!    (running pods keep their bypass) unless `--cleanup`.
 
 use std::{
     net::TcpListener,
@@ -21,7 +28,11 @@ use std::{
 };
 
 use anyhow::Context;
-use meshbypass_ebpf::{Node, abi::KERNEL_PROBED, loader};
+use meshbypass_ebpf::{
+    Node,
+    abi::KERNEL_PROBED,
+    loader::{self, LoadError, OpenError},
+};
 use nix::{
     poll::{PollFd, PollFlags, PollTimeout, poll},
     sys::{
@@ -34,18 +45,25 @@ use serde_json::Value;
 use crate::{
     confdir::Chained,
     gc,
-    http::{self, Handler, Response},
-    installer::{self, Installer, KubeSetup},
+    http::{self, Handler, Response, Route},
+    installer::{self, InstallError, Installer, KubeSetup},
     kubeconfig::{ApiServer, ServiceAccount},
-    metrics::{self, Stats},
+    metrics::{self, Problem, Stats},
+    removal::{self, DaemonSetRef, Verdict},
     watch::Watcher,
 };
 
 /// Retry soon after a failed reconcile (a half-written file, a busy dir).
 const RETRY: Duration = Duration::from_secs(1);
+/// Retry a failed load of the node's maps (someone may unload a foreign
+/// layout, or mount bpffs) this often.
+pub const LOAD_RETRY: Duration = Duration::from_secs(5);
 /// Coalescing window for bursts of events (an owner writing several files).
 const SETTLE: Duration = Duration::from_millis(40);
 const SETTLE_MAX: Duration = Duration::from_millis(250);
+/// How long the shutdown may spend asking whether the DaemonSet is being
+/// deleted (the manifest's grace period is 30 s).
+const REMOVAL_BUDGET: Duration = Duration::from_secs(5);
 
 /// Everything `run` is told on the command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,6 +81,8 @@ pub struct RunOptions {
     pub kubeconfig_out: PathBuf,
     pub token_file: PathBuf,
     pub ca_file: PathBuf,
+    /// Our DaemonSet's name (its namespace is the service account's).
+    pub daemonset: String,
 }
 
 type SharedNode = Arc<Mutex<Option<Node>>>;
@@ -89,13 +109,26 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<()> {
     http::spawn(listener, handler(stats.clone(), node.clone())).context("starting the HTTP server")?;
     log::info!("serving /readyz and /metrics on {addr}");
 
-    load(opts, &node, &stats)?;
+    load(opts, &node, &stats);
 
     let plugin_binary = match &opts.plugin_binary {
         Some(p) => p.clone(),
         None => default_plugin_binary()?,
     };
     let kube = kube_setup(opts);
+    let daemonset = kube.as_ref().and_then(|k| {
+        let ns = removal::own_namespace(&k.account.token_file);
+        if ns.is_none() {
+            log::warn!(
+                "no namespace beside {}: a SIGTERM will never be taken for the DaemonSet's removal",
+                k.account.token_file.display()
+            );
+        }
+        ns.map(|namespace| DaemonSetRef {
+            namespace,
+            name: opts.daemonset.clone(),
+        })
+    });
     let mut watched = vec![opts.cni_conf_dir.clone(), opts.cni_bin_dir.clone()];
     if let Some(k) = &kube {
         log::info!("in a cluster: the plugin kubeconfig goes to {}", k.out.display());
@@ -104,12 +137,11 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<()> {
     if let Some(settings) = &opts.plugin_config {
         watched.extend(settings.parent().map(Path::to_path_buf));
     }
-    let entry = settings_entry(opts).context("reading the plugin settings")?;
     let mut installer = Installer::new(
         &opts.cni_bin_dir,
         &opts.cni_conf_dir,
         &plugin_binary,
-        entry,
+        None,
         kube,
         stats.clone(),
     )?;
@@ -118,7 +150,15 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<()> {
     let outcome = serve(opts, &mut installer, &watcher, &signals, &node, &stats);
     stats.installed.store(false, Ordering::Relaxed);
     let signal = outcome?;
-    log::info!("{signal}: removing the conflist entry, then the binary");
+    match removal::verdict(installer.kube(), daemonset.as_ref(), REMOVAL_BUDGET) {
+        Verdict::Keep { why } => {
+            log::info!("{signal}: {why}");
+            return Ok(());
+        }
+        Verdict::Remove { why } => {
+            log::info!("{signal}: {why}: removing the conflist entry, then the binary");
+        }
+    }
     let removed = installer.uninstall().context("uninstalling")?;
     log::info!("removed {removed:?}");
     if opts.cleanup {
@@ -135,25 +175,75 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn load(opts: &RunOptions, node: &SharedNode, stats: &Stats) -> anyhow::Result<()> {
-    let (mut loaded, outcome) = loader::load(&opts.bpf_root)
-        .with_context(|| format!("loading the node's maps at {}", opts.bpf_root.display()))?;
-    log::info!("bpf root {}: {outcome:?}", opts.bpf_root.display());
-    let cfg = loaded.config().context("reading mb_config")?;
-    if opts.selftest && cfg.kernel_flags & KERNEL_PROBED == 0 {
-        let report = crate::cmd::run_selftest()?;
-        loaded
-            .record_verdict(&report)
-            .context("recording the selftest verdict")?;
+/// A fixed name for why the maps could not be loaded (a metric label).
+fn load_reason(e: &LoadError) -> &'static str {
+    match e {
+        LoadError::Bpffs(_) => "bpffs",
+        LoadError::Open(OpenError::LayoutMismatch { .. }) => "layout-mismatch",
+        LoadError::Open(OpenError::Incomplete { .. }) => "incomplete-pins",
+        LoadError::Open(_) | LoadError::Pin { .. } | LoadError::Rename { .. } | LoadError::Remove { .. } => {
+            "pins"
+        }
+        LoadError::Ebpf(_) | LoadError::Program { .. } | LoadError::AttachSkMsg(_) => "kernel-refused",
+        LoadError::Missing(_) => "object",
+    }
+}
+
+/// Loads or adopts the node's maps; on failure records why (the plugin is
+/// installed all the same). Returns whether the maps are loaded.
+fn load(opts: &RunOptions, node: &SharedNode, stats: &Stats) -> bool {
+    let mut loaded = match loader::load(&opts.bpf_root) {
+        Ok((loaded, outcome)) => {
+            log::info!("bpf root {}: {outcome:?}", opts.bpf_root.display());
+            loaded
+        }
+        Err(e) => {
+            stats.load_failures.fetch_add(1, Ordering::Relaxed);
+            let message = format!(
+                "the node's maps cannot be loaded at {}: {}; the plugin is installed anyway \
+                 (pods get their redirect, not the bypass); retrying every {} s",
+                opts.bpf_root.display(),
+                crate::cmd::chain(&e),
+                LOAD_RETRY.as_secs()
+            );
+            // Said once per distinct error, not at every retry.
+            if stats.load_problem().is_none_or(|p| p.message != message) {
+                log::error!("{message}");
+            }
+            stats.set_load_problem(Some(Problem {
+                reason: load_reason(&e),
+                message,
+            }));
+            return false;
+        }
+    };
+    match loaded.config() {
+        Ok(cfg) if opts.selftest && cfg.kernel_flags & KERNEL_PROBED == 0 => match crate::cmd::run_selftest()
+        {
+            Ok(report) => match loaded.record_verdict(&report) {
+                Ok(()) => log::info!(
+                    "selftest: safe_all={} safe_member={}",
+                    report.safe_all,
+                    report.safe_member
+                ),
+                Err(e) => log::warn!("cannot record the selftest verdict: {e}"),
+            },
+            // `auto` stays proxy-only without a verdict: the safe side.
+            Err(e) => log::warn!("selftest: {e:#}; `auto` means proxy-only until it passes"),
+        },
+        Ok(_) => {}
+        Err(e) => log::warn!("cannot read mb_config: {e}"),
+    }
+    if stats.load_problem().is_some() {
         log::info!(
-            "selftest: safe_all={} safe_member={}",
-            report.safe_all,
-            report.safe_member
+            "the node's maps are loaded at {} now: the bypass is on",
+            opts.bpf_root.display()
         );
     }
     *node.lock().unwrap_or_else(|p| p.into_inner()) = Some(loaded);
+    stats.set_load_problem(None);
     stats.loaded.store(true, Ordering::Relaxed);
-    Ok(())
+    true
 }
 
 fn kube_setup(opts: &RunOptions) -> Option<KubeSetup> {
@@ -169,7 +259,7 @@ fn kube_setup(opts: &RunOptions) -> Option<KubeSetup> {
     })
 }
 
-fn settings_entry(opts: &RunOptions) -> Result<Value, installer::InstallError> {
+fn settings_entry(opts: &RunOptions) -> Result<Value, InstallError> {
     installer::entry(
         opts.plugin_config.as_deref(),
         &opts.bpf_root,
@@ -177,27 +267,27 @@ fn settings_entry(opts: &RunOptions) -> Result<Value, installer::InstallError> {
     )
 }
 
+/// The probes answer at once (no lock but the small ones of [`Stats`]); a
+/// scrape reads the maps under the node lock, on a thread of its own.
 fn handler(stats: Arc<Stats>, node: SharedNode) -> Handler {
     Arc::new(move |path| match path {
-        "/readyz" => {
-            if stats.ready() {
-                Response::text(200, "ready\n")
-            } else if !stats.loaded.load(Ordering::Relaxed) {
-                Response::text(503, "not ready: maps not loaded\n")
-            } else {
-                Response::text(503, "not ready: plugin not installed or not chained yet\n")
-            }
-        }
-        "/healthz" | "/livez" => Response::text(200, "ok\n"),
+        "/readyz" => Route::Now(match stats.readiness() {
+            Ok(()) => Response::text(200, "ready\n"),
+            Err(why) => Response::text(503, format!("not ready:\n{why}\n")),
+        }),
+        "/healthz" | "/livez" => Route::Now(Response::text(200, "ok\n")),
         "/metrics" => {
-            let guard = node.lock().unwrap_or_else(|p| p.into_inner());
-            Response {
-                status: 200,
-                content_type: "text/plain; version=0.0.4; charset=utf-8",
-                body: metrics::render(&stats, guard.as_ref()),
-            }
+            let (stats, node) = (stats.clone(), node.clone());
+            Route::Later(Box::new(move || {
+                let guard = node.lock().unwrap_or_else(|p| p.into_inner());
+                Response {
+                    status: 200,
+                    content_type: "text/plain; version=0.0.4; charset=utf-8",
+                    body: metrics::render(&stats, guard.as_ref()),
+                }
+            }))
         }
-        _ => Response::text(404, "not found: try /readyz or /metrics\n"),
+        _ => Route::Now(Response::text(404, "not found: try /readyz or /metrics\n")),
     })
 }
 
@@ -211,6 +301,7 @@ fn serve(
     stats: &Stats,
 ) -> anyhow::Result<Signal> {
     let mut next_gc = Instant::now() + opts.gc_interval;
+    let mut next_load = Instant::now() + LOAD_RETRY;
     let mut retry_at = None;
     let mut waiting_logged = false;
     let mut dirty = true;
@@ -223,13 +314,21 @@ fn serve(
             }
         }
         let now = Instant::now();
+        if !stats.loaded.load(Ordering::Relaxed) && now >= next_load {
+            load(opts, node, stats);
+            next_load = Instant::now() + LOAD_RETRY;
+            continue;
+        }
         if now >= next_gc {
             collect_garbage(&opts.state_dir, node, stats);
             next_gc = now + opts.gc_interval;
             dirty = true; // also a periodic resync, should an event be lost
             continue;
         }
-        let wake = retry_at.map_or(next_gc, |r| r.min(next_gc));
+        let mut wake = retry_at.map_or(next_gc, |r| r.min(next_gc));
+        if !stats.loaded.load(Ordering::Relaxed) {
+            wake = wake.min(next_load);
+        }
         let timeout = wake.saturating_duration_since(now);
         let (sig, ev) = wait(signals, watcher, timeout)?;
         if sig && let Some(info) = signals.read_signal().context("reading the signalfd")? {
@@ -280,6 +379,46 @@ fn settle(signals: &SignalFd, watcher: &Watcher) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Reads the settings through the plugin's parser; a refused file keeps the
+/// entry we have (or, at startup, the one an earlier run chained).
+fn update_settings(opts: &RunOptions, installer: &mut Installer, stats: &Stats) {
+    let err = match settings_entry(opts) {
+        Ok(entry) => {
+            if let Some(p) = stats.settings_problem() {
+                log::info!("the plugin settings are valid again (were: {})", p.reason);
+            }
+            stats.set_settings_problem(None);
+            installer.set_entry(entry);
+            return;
+        }
+        Err(e) => e,
+    };
+    if !installer.has_entry() {
+        match installer.chained_entry() {
+            Ok(Some(entry)) => {
+                log::info!("keeping the entry an earlier run chained: {entry}");
+                installer.set_entry(entry);
+            }
+            Ok(None) => {}
+            Err(e) => log::warn!("reading our chained entry: {}", crate::cmd::chain(&e)),
+        }
+    }
+    let keeping = if installer.has_entry() {
+        "the conflist keeps the last good entry"
+    } else {
+        "nothing is chained until they are valid"
+    };
+    let message = format!("{}; {keeping}", crate::cmd::chain(&err));
+    if stats.settings_problem().is_none_or(|p| p.message != message) {
+        stats.settings_rejections.fetch_add(1, Ordering::Relaxed);
+        log::error!("{message}");
+    }
+    stats.set_settings_problem(Some(Problem {
+        reason: err.settings_reason().unwrap_or("invalid-value"),
+        message,
+    }));
+}
+
 /// One pass; `false` when it failed (retried after [`RETRY`]).
 fn reconcile(
     opts: &RunOptions,
@@ -288,27 +427,30 @@ fn reconcile(
     stats: &Stats,
     waiting_logged: &mut bool,
 ) -> bool {
-    match settings_entry(opts) {
-        Ok(entry) => installer.set_entry(entry),
-        Err(e) => log::warn!("{e}; keeping the previous settings"),
-    }
+    update_settings(opts, installer, stats);
     let result = installer.reconcile();
     // The dirs exist now (reconcile makes them): watch them.
     watcher.ensure();
     match result {
         Ok(r) => {
             stats.installed.store(r.installed(), Ordering::Relaxed);
-            if r.chained == Chained::NoPrimary {
-                if !*waiting_logged {
-                    log::info!(
-                        "no CNI network config in {} yet: waiting for the primary CNI",
-                        installer.conf_dir().display()
-                    );
+            let waiting = match r.chained {
+                Chained::NoPrimary => Some(format!(
+                    "no CNI network config in {} yet: waiting for the primary CNI",
+                    installer.conf_dir().display()
+                )),
+                Chained::NoSettings => Some("no valid plugin settings yet: nothing chained".to_owned()),
+                Chained::Unchanged { .. } | Chained::Written { .. } => None,
+            };
+            match &waiting {
+                Some(w) if !*waiting_logged => {
+                    log::info!("{w}");
                     *waiting_logged = true;
                 }
-            } else {
-                *waiting_logged = false;
+                Some(_) => {}
+                None => *waiting_logged = false,
             }
+            stats.set_waiting(waiting);
             true
         }
         Err(e) => {

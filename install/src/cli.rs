@@ -13,6 +13,8 @@ use crate::{
 /// `/readyz` and `/metrics` (hostNetwork: a port no common node agent uses).
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:9478";
 pub const DEFAULT_GC_INTERVAL: Duration = Duration::from_secs(60);
+/// The DaemonSet of `install/deploy/daemonset.yaml`.
+pub const DEFAULT_DAEMONSET: &str = "meshbypass-node";
 
 pub const USAGE: &str = "\
 usage: meshbypass-node <command> [--bpf-root DIR] [options]
@@ -26,15 +28,20 @@ commands:
              (--json for one JSON object)
   selftest   probe this kernel's sockmap hazards in a private netns and
              cgroup; records the verdict when the maps are loaded (--json)
-  install    one shot, for hosts without Kubernetes: load (as `load`), copy
-             the plugin into the CNI bin dir, chain it into the primary
-             conflist
+  install    one shot, for hosts without Kubernetes: check the settings
+             with the plugin's parser, load (as `load`; a failure is a
+             warning: the plugin is installed anyway), copy the plugin into
+             the CNI bin dir, chain it into the primary conflist
   uninstall  one shot: remove our conflist entry, then the plugin binary;
              the maps stay unless --cleanup
   run        the DaemonSet's main: load, install, keep installed (inotify),
-             serve /readyz and /metrics, GC dead pods' state; on SIGTERM or
-             SIGINT uninstall (entry first, then binary); maps and pod links
-             stay unless --cleanup
+             serve /readyz and /metrics, GC dead pods' state. Settings are
+             checked by the plugin's parser first (a bad edit keeps the last
+             good entry). A failed load still installs (redirect without the
+             bypass) and is retried. SIGTERM/SIGINT leave the plugin in place
+             unless the DaemonSet is being deleted (asked of the API server):
+             then entry first, then binary; maps and pod links stay unless
+             --cleanup
 
 options:
   --bpf-root DIR         pin root (default /sys/fs/bpf/meshbypass)
@@ -50,9 +57,13 @@ install, uninstall, run:
                          (default {\"type\": \"meshbypass\"}); `bpfRoot` and
                          `stateDir` are added when non-default flags set them
   --cleanup              uninstall, run: also unload the maps and pod links
+                         (run: only when the DaemonSet is being deleted)
 run:
   --listen ADDR:PORT     HTTP for /readyz, /healthz, /metrics
                          (default 0.0.0.0:9478)
+  --daemonset NAME       our DaemonSet, in the service account's namespace
+                         (default meshbypass-node): at SIGTERM the plugin is
+                         removed only if it is gone or being deleted
   --state-dir DIR        the plugin's state records (default /run/meshbypass)
   --gc-interval SECS     GC of state whose netns is gone (default 60)
   --kubeconfig-out FILE  plugin kubeconfig, written when in a cluster
@@ -102,7 +113,7 @@ pub struct Cli {
 }
 
 /// Flags that take a value, and the commands that accept them.
-const VALUE_FLAGS: [(&str, &[&str]); 12] = [
+const VALUE_FLAGS: [(&str, &[&str]); 13] = [
     ("--bpf-root", &[]),
     ("--cgroup", &["selftest-probe"]),
     ("--cni-bin-dir", &["install", "uninstall", "run"]),
@@ -115,6 +126,7 @@ const VALUE_FLAGS: [(&str, &[&str]); 12] = [
     ("--kubeconfig-out", &["run"]),
     ("--token-file", &["run"]),
     ("--ca-file", &["run"]),
+    ("--daemonset", &["run"]),
 ];
 
 /// The flag's static name and whether `command` takes it; `None` if unknown.
@@ -216,6 +228,11 @@ pub fn parse(args: &[String]) -> Result<Cli, String> {
                 kubeconfig_out: path("--kubeconfig-out", DEFAULT_KUBECONFIG_OUT)?,
                 token_file: path("--token-file", DEFAULT_TOKEN_FILE)?,
                 ca_file: path("--ca-file", DEFAULT_CA_FILE)?,
+                daemonset: match values.get("--daemonset") {
+                    None => DEFAULT_DAEMONSET.into(),
+                    Some(n) if crate::removal::is_object_name(n) => n.clone(),
+                    Some(n) => return Err(format!("--daemonset wants a Kubernetes object name, got {n:?}")),
+                },
             }))
         }
         "selftest-probe" => Command::SelftestProbe {
@@ -269,6 +286,8 @@ mod tests {
             "run --gc-interval soon",
             "run --cni-conf-dir etc/cni",
             "uninstall --plugin-binary /x",
+            "run --daemonset ../x",
+            "install --daemonset x",
         ] {
             assert!(parse(&args(bad)).is_err(), "{bad:?} accepted");
         }
@@ -311,5 +330,11 @@ mod tests {
         assert_eq!(opts.bpf_root, PathBuf::from("/sys/fs/bpf/t"));
         assert_eq!(opts.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
         assert_eq!(opts.token_file, PathBuf::from(DEFAULT_TOKEN_FILE));
+        assert_eq!(opts.daemonset, DEFAULT_DAEMONSET);
+        let c = parse(&args("run --daemonset mb-node")).unwrap();
+        let Command::Run(opts) = c.command else {
+            panic!("not run: {:?}", c.command)
+        };
+        assert_eq!(opts.daemonset, "mb-node");
     }
 }

@@ -84,7 +84,9 @@ pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     out
 }
 
-/// `install`: load (with the selftest once), copy the plugin, chain it.
+/// `install`: check the settings, load (with the selftest once), copy the
+/// plugin, chain it. A failed load is a warning: the plugin is installed
+/// anyway (pods get their redirect; the bypass waits for the maps).
 fn install(root: &Path, paths: &HostPaths, run_probe: bool) -> anyhow::Result<ExitCode> {
     let conf = ConfDir::new(&paths.cni_conf_dir);
     if conf.primary()?.is_none() {
@@ -94,17 +96,22 @@ fn install(root: &Path, paths: &HostPaths, run_probe: bool) -> anyhow::Result<Ex
             paths.cni_conf_dir.display()
         );
     }
-    load(root, run_probe, false)?;
+    let entry = installer::entry(paths.plugin_config.as_deref(), root, None)?;
+    if let Err(e) = load(root, run_probe, false) {
+        eprintln!(
+            "warning: {e:#}\nwarning: installing the plugin anyway: pods get their redirect, not the \
+             bypass, until `meshbypass-node load` succeeds"
+        );
+    }
     let binary = match &paths.plugin_binary {
         Some(p) => p.clone(),
         None => agent::default_plugin_binary()?,
     };
-    let entry = installer::entry(paths.plugin_config.as_deref(), root, None)?;
     let mut inst = Installer::new(
         &paths.cni_bin_dir,
         &paths.cni_conf_dir,
         &binary,
-        entry,
+        Some(entry),
         None,
         Arc::new(Stats::default()),
     )?;
@@ -119,6 +126,7 @@ fn install(root: &Path, paths: &HostPaths, run_probe: bool) -> anyhow::Result<Ex
         inst.target().display()
     );
     match inst.ensure_chained()? {
+        Chained::NoSettings => anyhow::bail!("no plugin settings to chain"),
         Chained::NoPrimary => anyhow::bail!(
             "the CNI network config in {} disappeared while installing",
             paths.cni_conf_dir.display()

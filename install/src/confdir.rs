@@ -59,6 +59,8 @@ pub enum ConfDirError {
 pub enum Chained {
     /// No network config yet (the primary CNI is not installed yet).
     NoPrimary,
+    /// No valid settings known yet: nothing was chained or changed.
+    NoSettings,
     /// Our entry was already in place in this file.
     Unchanged { file: String },
     /// This file was (re)written with our entry.
@@ -221,6 +223,16 @@ impl ConfDir {
             return Ok(Step::Retry);
         }
         Ok(Step::Done(Chained::Written { file: edit.file }))
+    }
+
+    /// Our entry as the primary config carries it now, if any.
+    pub fn ours(&self) -> Result<Option<Value>, ConfDirError> {
+        let Some(name) = self.primary()? else {
+            return Ok(None);
+        };
+        Ok(self
+            .read(&name)?
+            .and_then(|read| conflist::ours(&name, &read.doc)))
     }
 
     /// Whether the primary config carries exactly our entry.

@@ -92,6 +92,20 @@ fn plugins<'a>(file: &str, doc: &'a Value) -> Result<&'a Vec<Value>, ConflistErr
         .ok_or_else(|| ConflistError::NoPlugins { file: file.into() })
 }
 
+/// Our entry in `doc` (read from `file`): the last `type: meshbypass`
+/// plugin of a list; `None` in a single config or a list without one.
+pub fn ours(file: &str, doc: &Value) -> Option<Value> {
+    if !is_list_name(file) {
+        return None;
+    }
+    plugins(file, doc)
+        .ok()?
+        .iter()
+        .rev()
+        .find(|p| is_ours(p))
+        .cloned()
+}
+
 /// Whether `doc` (read from `file`) has a meshbypass entry.
 #[cfg(test)]
 pub fn has_ours(file: &str, doc: &Value) -> bool {

@@ -15,6 +15,7 @@ use std::{
     time::Duration,
 };
 
+use meshbypass_cni::config::{Config, ConfigError};
 use serde_json::{Map, Value};
 
 use crate::{
@@ -57,6 +58,12 @@ pub enum InstallError {
     },
     #[error("the plugin settings {} must be a JSON object with \"type\": \"meshbypass\" (or no type)", path.display())]
     BadSettings { path: PathBuf },
+    #[error("the plugin settings {} are refused by the plugin's own parser", path.display())]
+    InvalidSettings {
+        path: PathBuf,
+        #[source]
+        source: Box<ConfigError>,
+    },
     #[error("cannot create {}", path.display())]
     CreateDir {
         path: PathBuf,
@@ -77,9 +84,46 @@ pub enum InstallError {
     Kubeconfig(#[from] KubeconfigError),
 }
 
+impl InstallError {
+    /// Why settings were refused, as a fixed name (a metric label); `None`
+    /// for errors that are not about the settings.
+    pub fn settings_reason(&self) -> Option<&'static str> {
+        Some(match self {
+            Self::ReadSettings { .. } => "unreadable",
+            Self::ParseSettings { .. } => "not-json",
+            Self::BadSettings { .. } => "not-meshbypass",
+            Self::InvalidSettings { source, .. } => match source.as_ref() {
+                ConfigError::UnknownKey { .. } => "unknown-key",
+                ConfigError::Decode { .. } | ConfigError::NotObject => "not-json",
+                ConfigError::WrongType { .. } => "not-meshbypass",
+                ConfigError::UnsupportedVersion { .. } => "unsupported-version",
+                _ => "invalid-value",
+            },
+            _ => return None,
+        })
+    }
+}
+
+/// Checks `entry` with the plugin's own parser, as the runtime will hand it
+/// over: inside a request whose `cniVersion` and `name` are the list's
+/// (libcni sets both on every plugin of a list, so the entry's own, if any,
+/// do not count). A key the plugin does not know, a port out of range, a
+/// relative path: each fails here, before any ADD could fail on it.
+pub fn validate(entry: &Value) -> Result<Config, ConfigError> {
+    let mut request = match entry {
+        Value::Object(obj) => obj.clone(),
+        _ => Map::new(),
+    };
+    request.insert("cniVersion".into(), meshbypass_cni::version::NEWEST.into());
+    request.insert("name".into(), "meshbypass-settings".into());
+    let bytes = serde_json::to_vec(&Value::Object(request)).expect("a serde_json::Value always serializes");
+    Config::parse(&bytes)
+}
+
 /// Our conflist entry: the settings file (default `{"type": "meshbypass"}`),
 /// plus `bpfRoot` / `stateDir` when the agent runs with non-default ones
-/// and the settings do not say (plugin and agent must agree).
+/// and the settings do not say (plugin and agent must agree); refused
+/// unless the plugin's parser accepts it ([`validate`]).
 pub fn entry(
     settings: Option<&Path>,
     bpf_root: &Path,
@@ -123,7 +167,14 @@ pub fn entry(
     {
         obj.insert("stateDir".into(), dir.to_string_lossy().into());
     }
-    Ok(Value::Object(obj))
+    let entry = Value::Object(obj);
+    if let Err(source) = validate(&entry) {
+        return Err(InstallError::InvalidSettings {
+            path: settings.unwrap_or(Path::new("-")).into(),
+            source: Box::new(source),
+        });
+    }
+    Ok(entry)
 }
 
 /// The kubeconfig part, only when running in a cluster.
@@ -172,7 +223,9 @@ pub struct Installer {
     bin_dir: PathBuf,
     conf: ConfDir,
     binary: Vec<u8>,
-    entry: Value,
+    /// The entry to chain; `None` until valid settings are known (nothing
+    /// is chained, and nothing already chained is touched).
+    entry: Option<Value>,
     kube: Option<KubeSetup>,
     stats: Arc<Stats>,
     verified_binary: Option<Fingerprint>,
@@ -186,7 +239,7 @@ impl Installer {
         bin_dir: &Path,
         conf_dir: &Path,
         plugin_binary: &Path,
-        entry: Value,
+        entry: Option<Value>,
         kube: Option<KubeSetup>,
         stats: Arc<Stats>,
     ) -> Result<Self, InstallError> {
@@ -211,12 +264,26 @@ impl Installer {
         self.bin_dir.join(PLUGIN_TYPE)
     }
 
+    pub fn kube(&self) -> Option<&KubeSetup> {
+        self.kube.as_ref()
+    }
+
     pub fn conf_dir(&self) -> &Path {
         self.conf.dir()
     }
 
     pub fn set_entry(&mut self, entry: Value) {
-        self.entry = entry;
+        self.entry = Some(entry);
+    }
+
+    pub fn has_entry(&self) -> bool {
+        self.entry.is_some()
+    }
+
+    /// Our entry as the primary conflist carries it now, if it passes the
+    /// plugin's parser: the last good settings of an earlier run.
+    pub fn chained_entry(&self) -> Result<Option<Value>, InstallError> {
+        Ok(self.conf.ours()?.filter(|e| validate(e).is_ok()))
     }
 
     fn record(&self, what: Artifact) {
@@ -282,7 +349,10 @@ impl Installer {
     /// Chains our entry into the primary conflist (the binary first).
     pub fn ensure_chained(&mut self) -> Result<Chained, InstallError> {
         self.ensure_binary()?;
-        let chained = self.conf.ensure(&self.entry)?;
+        let Some(entry) = &self.entry else {
+            return Ok(Chained::NoSettings);
+        };
+        let chained = self.conf.ensure(entry)?;
         if let Chained::Written { file } = &chained {
             self.record(Artifact::Conflist);
             log::info!("chained meshbypass into {}", self.conf.dir().join(file).display());
@@ -302,7 +372,10 @@ impl Installer {
     /// Whether the host is as it should be right now (for `/readyz`).
     pub fn is_installed(&self) -> bool {
         fs::read(self.target()).is_ok_and(|b| b == self.binary)
-            && self.conf.is_chained(&self.entry).unwrap_or(false)
+            && self
+                .entry
+                .as_ref()
+                .is_some_and(|e| self.conf.is_chained(e).unwrap_or(false))
     }
 
     /// Takes everything off the host: our conflist entries first, then the
@@ -364,7 +437,7 @@ mod tests {
             &tmp.join("bin"),
             &tmp.join("net.d"),
             &src,
-            json!({"type": "meshbypass"}),
+            Some(json!({"type": "meshbypass"})),
             None,
             Arc::new(Stats::default()),
         )
@@ -393,6 +466,52 @@ mod tests {
             entry(Some(&settings), Path::new("/sys/fs/bpf/x"), None),
             Err(InstallError::BadSettings { .. })
         ));
+    }
+
+    /// The plugin's parser judges the settings: what it refuses never
+    /// becomes an entry, and the error names the key or the value.
+    #[test]
+    fn settings_go_through_the_plugins_parser() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let settings = tmp.path().join("s.json");
+        let root = Path::new("/sys/fs/bpf/x");
+        for (text, reason, names) in [
+            (
+                r#"{"mesh":"istio","acceleraton":"all"}"#,
+                "unknown-key",
+                "`acceleraton`",
+            ),
+            (
+                r#"{"redirect":{"outbondPort":15001}}"#,
+                "unknown-key",
+                "`redirect.outbondPort`",
+            ),
+            (
+                r#"{"redirect":{"outboundPort":70000}}"#,
+                "invalid-value",
+                "redirect.outboundPort",
+            ),
+            (r#"{"acceleration":"fast"}"#, "invalid-value", "acceleration"),
+            (r#"{"stateDir":"run/x"}"#, "invalid-value", "run/x"),
+            (r#"{"mesh":"istio","#, "not-json", "not JSON"),
+        ] {
+            fs::write(&settings, text).expect("writing settings");
+            let err = entry(Some(&settings), root, None).expect_err(text);
+            assert_eq!(err.settings_reason(), Some(reason), "{text}: {err:?}");
+            let message = crate::cmd::chain(&err);
+            assert!(message.contains(names), "{text}: {message}");
+        }
+        fs::write(
+            &settings,
+            r#"{"mesh":"linkerd","acceleration":"proxy-only","redirect":{"excludeOutboundPorts":[443]}}"#,
+        )
+        .expect("writing settings");
+        let ok = entry(Some(&settings), root, None).expect("valid settings");
+        assert_eq!(ok["mesh"], "linkerd");
+        assert_eq!(
+            validate(&ok).expect("valid").redirect.exclude_outbound_ports,
+            [443]
+        );
     }
 
     #[test]
@@ -429,7 +548,7 @@ mod tests {
             &tmp.path().join("bin"),
             &tmp.path().join("net.d"),
             &src_b,
-            json!({"type": "meshbypass"}),
+            Some(json!({"type": "meshbypass"})),
             None,
             Arc::new(Stats::default()),
         )

@@ -12,6 +12,7 @@ mod http;
 mod installer;
 mod kubeconfig;
 mod metrics;
+mod removal;
 mod watch;
 
 use std::process::ExitCode;

@@ -3,7 +3,10 @@
 
 use std::{
     fmt::Write,
-    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
 };
 
 use meshbypass_ebpf::{Node, abi::KERNEL_HAZARDS, abi::KERNEL_PROBED};
@@ -28,6 +31,14 @@ impl Artifact {
     }
 }
 
+/// Something that keeps the agent from being ready: a fixed `reason` (a
+/// metric label) and the full message (for `/readyz` and the log).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub reason: &'static str,
+    pub message: String,
+}
+
 /// Shared between the agent's loop and the HTTP thread.
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -40,9 +51,69 @@ pub struct Stats {
     pub gc_runs: AtomicU64,
     pub gc_removed: AtomicU64,
     pub gc_errors: AtomicU64,
+    /// Failed attempts to load the node's maps.
+    pub load_failures: AtomicU64,
+    /// Settings refused (each distinct bad edit once).
+    pub settings_rejections: AtomicU64,
+    /// Why the maps are not loaded (the last attempt's error).
+    load_problem: Mutex<Option<Problem>>,
+    /// Why the current settings file is not what the conflist carries.
+    settings_problem: Mutex<Option<Problem>>,
+    /// No primary CNI config yet, or no valid settings to chain.
+    waiting: Mutex<Option<String>>,
+}
+
+fn get(m: &Mutex<Option<Problem>>) -> Option<Problem> {
+    m.lock().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
+fn set(m: &Mutex<Option<Problem>>, v: Option<Problem>) {
+    *m.lock().unwrap_or_else(|p| p.into_inner()) = v;
 }
 
 impl Stats {
+    pub fn load_problem(&self) -> Option<Problem> {
+        get(&self.load_problem)
+    }
+
+    pub fn set_load_problem(&self, p: Option<Problem>) {
+        set(&self.load_problem, p);
+    }
+
+    pub fn settings_problem(&self) -> Option<Problem> {
+        get(&self.settings_problem)
+    }
+
+    pub fn set_settings_problem(&self, p: Option<Problem>) {
+        set(&self.settings_problem, p);
+    }
+
+    pub fn set_waiting(&self, why: Option<String>) {
+        *self.waiting.lock().unwrap_or_else(|p| p.into_inner()) = why;
+    }
+
+    /// `Ok` when ready, else every reason, one per line (the `/readyz` body).
+    pub fn readiness(&self) -> Result<(), String> {
+        let mut why = Vec::new();
+        if !self.installed.load(Ordering::Relaxed) {
+            let waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            why.push(waiting.unwrap_or_else(|| "the plugin is not installed or not chained yet".into()));
+        }
+        if let Some(p) = self.settings_problem() {
+            why.push(p.message);
+        }
+        if let Some(p) = self.load_problem() {
+            why.push(p.message);
+        } else if !self.loaded.load(Ordering::Relaxed) {
+            why.push("the node's maps are not loaded yet".into());
+        }
+        if why.is_empty() {
+            Ok(())
+        } else {
+            Err(why.join("\n"))
+        }
+    }
+
     pub fn wrote(&self, what: Artifact) {
         self.writes[what as usize].fetch_add(1, Ordering::Relaxed);
     }
@@ -57,9 +128,10 @@ impl Stats {
             .saturating_sub(1)
     }
 
-    /// Ready: maps loaded and the plugin installed.
+    /// Ready: maps loaded, the plugin installed and chained with the
+    /// current settings.
     pub fn ready(&self) -> bool {
-        self.loaded.load(Ordering::Relaxed) && self.installed.load(Ordering::Relaxed)
+        self.readiness().is_ok()
     }
 }
 
@@ -100,14 +172,54 @@ pub fn render(stats: &Stats, node: Option<&Node>) -> String {
     out.single(
         "meshbypass_ready",
         "gauge",
-        "1 when the maps are loaded and the plugin is installed and chained.",
+        "1 when the maps are loaded and the plugin is installed and chained with the current settings.",
         u64::from(stats.ready()),
+    );
+    out.single(
+        "meshbypass_installed",
+        "gauge",
+        "1 when the plugin binary is in place and chained into the primary conflist (pods get their redirect).",
+        u64::from(stats.installed.load(Ordering::Relaxed)),
     );
     out.single(
         "meshbypass_loaded",
         "gauge",
-        "1 when the node's maps and programs are loaded.",
+        "1 when the node's maps and programs are loaded (0: pods get their redirect, not the bypass).",
         u64::from(node.is_some() && stats.loaded.load(Ordering::Relaxed)),
+    );
+    out.family(
+        "meshbypass_load_error",
+        "gauge",
+        "1, labelled with the reason, while the node's maps cannot be loaded (the agent's log and /readyz say more).",
+    );
+    if let Some(p) = stats.load_problem() {
+        out.sample("meshbypass_load_error", &[("reason", p.reason)], 1);
+    }
+    out.single(
+        "meshbypass_load_failures_total",
+        "counter",
+        "Failed attempts to load the node's maps (retried every few seconds).",
+        stats.load_failures.load(Ordering::Relaxed),
+    );
+    out.single(
+        "meshbypass_settings_valid",
+        "gauge",
+        "1 when the plugin settings file passes the plugin's own parser and is what the conflist carries.",
+        u64::from(stats.settings_problem().is_none()),
+    );
+    out.family(
+        "meshbypass_settings_error",
+        "gauge",
+        "1, labelled with the reason, while the settings file is refused (the conflist keeps the last good entry).",
+    );
+    if let Some(p) = stats.settings_problem() {
+        out.sample("meshbypass_settings_error", &[("reason", p.reason)], 1);
+    }
+    out.single(
+        "meshbypass_settings_rejected_total",
+        "counter",
+        "Settings files refused by the plugin's parser (each bad edit once).",
+        stats.settings_rejections.load(Ordering::Relaxed),
     );
     out.family(
         "meshbypass_installs_total",
@@ -256,5 +368,42 @@ mod tests {
                 .parse::<u64>()
                 .unwrap_or_else(|e| panic!("bad value in {line:?}: {e}"));
         }
+    }
+
+    #[test]
+    fn readiness_names_every_problem_and_metrics_label_them() {
+        let s = Stats::default();
+        s.installed.store(true, Ordering::Relaxed);
+        s.loaded.store(true, Ordering::Relaxed);
+        assert_eq!(s.readiness(), Ok(()));
+        s.set_settings_problem(Some(Problem {
+            reason: "unknown-key",
+            message: "unknown key `x`".into(),
+        }));
+        s.set_load_problem(Some(Problem {
+            reason: "layout-mismatch",
+            message: "layout version 99".into(),
+        }));
+        s.loaded.store(false, Ordering::Relaxed);
+        assert_eq!(
+            s.readiness(),
+            Err("unknown key `x`\nlayout version 99".to_owned())
+        );
+        let text = render(&s, None);
+        for line in [
+            "meshbypass_ready 0\n",
+            "meshbypass_installed 1\n",
+            "meshbypass_loaded 0\n",
+            "meshbypass_settings_valid 0\n",
+            "meshbypass_settings_error{reason=\"unknown-key\"} 1\n",
+            "meshbypass_load_error{reason=\"layout-mismatch\"} 1\n",
+        ] {
+            assert!(text.contains(line), "no {line:?} in\n{text}");
+        }
+        s.set_settings_problem(None);
+        s.set_load_problem(None);
+        s.loaded.store(true, Ordering::Relaxed);
+        let text = render(&s, None);
+        assert!(!text.contains("_error{"), "{text}");
     }
 }

@@ -9,6 +9,12 @@ if [[ $(id -u) != 0 ]]; then
   exit 1
 fi
 scripts/deps.sh
+# Everything the demo runs: itself (meshbypass-bench), the plugin
+# (meshbypass-cni), the node agent (meshbypass-node) and the traffic helper
+# mb-peer (meshbypass-tests, without the CRI client the demo does not use).
+# scripts/test.sh runs this script from binaries it removed first, so a
+# missing package here fails CI.
 echo "building (release)..."
-cargo build --release --locked -q -p meshbypass-bench -p meshbypass-node -p meshbypass-cni
+cargo build --release --locked -q --no-default-features \
+  -p meshbypass-bench -p meshbypass-cni -p meshbypass-node -p meshbypass-tests
 exec target/release/demo "$@"

@@ -21,5 +21,9 @@ if cargo clippy --version >/dev/null 2>&1; then
   cargo clippy --workspace --all-targets --locked -- -D warnings
 fi
 cargo test --workspace --locked
+# The README's first command as a fresh clone runs it: the demo's own build
+# (release) from none of the binaries it runs, then a short demo.
+rm -f target/release/{demo,meshbypass,meshbypass-node,mb-peer}
+scripts/demo.sh --smoke
 scripts/lint-manifests.sh
 scripts/lint-kind-tests.sh

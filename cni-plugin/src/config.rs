@@ -878,7 +878,12 @@ mod tests {
 
     #[test]
     fn version_and_decode_errors() {
-        let err = parse_err(r#"{"cniVersion":"0.3.1","name":"n","type":"meshbypass"}"#);
+        for version in crate::version::SUPPORTED_VERSIONS {
+            let json = format!(r#"{{"cniVersion":"{version}","name":"n","type":"meshbypass"}}"#);
+            let config = Config::parse(json.as_bytes()).unwrap_or_else(|e| panic!("{version}: {e}"));
+            assert_eq!(config.cni_version, version);
+        }
+        let err = parse_err(r#"{"cniVersion":"0.2.0","name":"n","type":"meshbypass"}"#);
         assert!(err.is_version(), "unexpected {err:?}");
         assert!(err.to_string().contains("1.1.0"), "lists supported: {err}");
         for bad in ["", "{", "not json", r#"{"cniVersion":"1.1.0",}"#] {

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cidr::Family;
 use crate::config::ConfigError;
-use crate::env::EnvError;
+use crate::env::{Command, EnvError};
 use crate::version;
 
 /// A boxed cause from a layer that has its own error type (netns, iptables runner, bpf loader).
@@ -37,6 +37,17 @@ pub enum CniError {
     /// 1: the request's `cniVersion` is not one we speak.
     #[error("cniVersion {requested:?} is not supported; use one of {}", version::SUPPORTED_VERSIONS.join(", "))]
     IncompatibleVersion { requested: String },
+    /// 1: a command the request's version does not define (CHECK before 0.4.0, STATUS and GC
+    /// before 1.1.0); libcni's `skel` answers these with the same code.
+    #[error(
+        "{command} is not defined in CNI {version} (it came with {since}); a runtime must not send it \
+         for this network, or the conflist must declare cniVersion {since} or later"
+    )]
+    CommandNotInVersion {
+        command: Command,
+        version: String,
+        since: &'static str,
+    },
     /// 2: a field we understand but cannot honour; the spec wants key and value in the message.
     #[error("{field}={value} is not supported: {fix}")]
     UnsupportedField {
@@ -112,7 +123,9 @@ pub enum CniError {
 impl CniError {
     pub fn code(&self) -> u32 {
         match self {
-            CniError::IncompatibleVersion { .. } => code::INCOMPATIBLE_VERSION,
+            CniError::IncompatibleVersion { .. } | CniError::CommandNotInVersion { .. } => {
+                code::INCOMPATIBLE_VERSION
+            }
             CniError::UnsupportedField { .. } => code::UNSUPPORTED_FIELD,
             CniError::Env(_) => code::INVALID_ENV,
             CniError::Config(err) if err.is_version() => code::INCOMPATIBLE_VERSION,
@@ -203,10 +216,18 @@ mod tests {
             7
         );
         let io_cause = || Box::new(io::Error::other("boom")) as Cause;
-        let cases: [(CniError, u32); 9] = [
+        let cases: [(CniError, u32); 10] = [
             (
                 CniError::IncompatibleVersion {
                     requested: "9.9.9".into(),
+                },
+                1,
+            ),
+            (
+                CniError::CommandNotInVersion {
+                    command: Command::Check,
+                    version: "0.3.1".into(),
+                    since: "0.4.0",
                 },
                 1,
             ),

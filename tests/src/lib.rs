@@ -287,20 +287,39 @@ impl Drop for BpfRoot {
     }
 }
 
-/// The path of a binary built beside the test executable.
+/// The path of a binary built beside the test executable (or beside the
+/// demo and benchmarks, which use this kit).
 /// (Test executables live in `target/<profile>/deps`, binaries in
 /// `target/<profile>`.)
 pub fn sibling_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     let dir = exe.parent().expect("exe dir");
-    let candidates = [dir.join(name), dir.parent().unwrap_or(dir).join(name)];
+    let profile_dir = if dir.ends_with("deps") {
+        dir.parent().unwrap_or(dir)
+    } else {
+        dir
+    };
+    let candidates = [dir.join(name), profile_dir.join(name)];
     candidates
         .iter()
         .find(|p| p.is_file())
         .cloned()
         .unwrap_or_else(|| {
+            let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+                Some("debug") => String::new(),
+                Some("release") => " --release".into(),
+                Some(other) => format!(" --profile {other}"),
+                None => String::new(),
+            };
+            let package = match name {
+                "meshbypass" => "-p meshbypass-cni",
+                "meshbypass-node" => "-p meshbypass-node",
+                "mb-peer" => "-p meshbypass-tests",
+                _ => "--workspace",
+            };
             panic!(
-                "{name} is missing beside {}: build the workspace first (cargo build --workspace)",
+                "{name} is missing beside {}: build it first (cargo build{profile} {package}; \
+                 scripts/demo.sh and scripts/test.sh build everything they run)",
                 exe.display()
             )
         })

@@ -8,7 +8,7 @@ use std::{
     time::Duration,
 };
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use crate::{KubeCgroup, Netns, Peer, cni::*, require_root, sibling_bin, unique, wait_for};
 
@@ -27,7 +27,8 @@ pub struct SimNode {
     pub bpf_root: PathBuf,
     pub state_dir: PathBuf,
     pub log_file: PathBuf,
-    bridge: String,
+    /// The Linux bridge the list's `bridge` plugin makes (none for `ptp`).
+    bridge: Option<String>,
     run_dir: Option<PathBuf>,
 }
 
@@ -43,7 +44,9 @@ impl SimNode {
         let plugin_dir = sibling_bin("meshbypass").parent().unwrap().to_path_buf();
         let rt = Runtime::from_value(conflist, &[plugin_dir, PathBuf::from("/usr/lib/cni")]);
         let ours = rt.plugin("meshbypass");
-        let bridge = rt.plugin("bridge");
+        let bridge = rt
+            .find_plugin("bridge")
+            .map(|b| b["bridge"].as_str().unwrap_or("cni0").to_owned());
         let field = |v: &Value, k: &str| PathBuf::from(v[k].as_str().unwrap_or_default());
         let bpf_root = field(&ours, "bpfRoot");
         assert!(
@@ -59,7 +62,79 @@ impl SimNode {
             run_dir: state_dir.parent().map(Path::to_path_buf),
             state_dir,
             bpf_root,
-            bridge: bridge["bridge"].as_str().unwrap_or("cni0").to_owned(),
+            bridge,
+        }
+    }
+
+    /// `conflist/<file>` as a private network in `version`, named for this
+    /// process and `slot` (0..10, one per node a test process runs at once)
+    /// so that it runs beside any other: network `meshbypass-v<pid><slot>`,
+    /// bridge `mbv<slot>p<pid>` (for a `bridge` list), subnet
+    /// `10.233.<100 + pid % 15 * 10 + slot>.0/24`, IPAM data, plugin state
+    /// and log under `/run/meshbypass-v<pid>-<slot>`, bpf root
+    /// `/sys/fs/bpf/meshbypass-v<pid>-<slot>`. Our entry loses
+    /// `kubernetes.kubeconfig` (there is no API server: every pod outside
+    /// `excludeNamespaces` is meshed) and keeps everything else as shipped.
+    pub fn private(file: &str, version: &str, slot: u32) -> Self {
+        assert!(slot < 10, "slot {slot}: 0..10");
+        let pid = std::process::id();
+        let name = format!("meshbypass-v{pid}-{slot}");
+        let run = PathBuf::from("/run").join(&name);
+        let bridge = format!("mbv{slot}p{}", pid % 100_000);
+        let subnet = format!("10.233.{}.0/24", 100 + pid % 15 * 10 + slot);
+        for (what, path) in [
+            ("bridge", Path::new("/sys/class/net").join(&bridge)),
+            ("run dir", run.clone()),
+            ("bpf root", Path::new("/sys/fs/bpf").join(&name)),
+        ] {
+            assert!(
+                !path.exists(),
+                "{} ({what} of a private {file}) exists: a run of this process's ID left it",
+                path.display()
+            );
+        }
+        Self::new(file, |c| {
+            c["name"] = json!(name);
+            c["cniVersion"] = json!(version);
+            for p in c["plugins"].as_array_mut().expect("plugins") {
+                if p.get("ipam").is_some() {
+                    p["ipam"]["ranges"] = json!([[{ "subnet": subnet }]]);
+                    p["ipam"]["dataDir"] = json!(run.join("ipam"));
+                }
+                match p["type"].as_str() {
+                    Some("bridge") => p["bridge"] = json!(bridge),
+                    Some("meshbypass") => {
+                        p["bpfRoot"] = json!(Path::new("/sys/fs/bpf").join(&name));
+                        p["stateDir"] = json!(run.join("state"));
+                        p["logFile"] = json!(run.join("meshbypass.log"));
+                        p["logLevel"] = json!("debug");
+                        if let Some(k) = p.get_mut("kubernetes").and_then(Value::as_object_mut) {
+                            k.remove("kubeconfig");
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        })
+    }
+
+    /// The network's name (host-local keeps its leases under `<dataDir>/<name>`).
+    pub fn name(&self) -> &str {
+        self.rt.conflist["name"].as_str().expect("the network's name")
+    }
+
+    /// The addresses host-local has leased on this network.
+    pub fn leases(&self) -> Vec<String> {
+        let primary = &self.rt.conflist["plugins"][0];
+        let dir = PathBuf::from(primary["ipam"]["dataDir"].as_str().expect("ipam.dataDir")).join(self.name());
+        match std::fs::read_dir(&dir) {
+            Ok(d) => d
+                .flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|n| n.parse::<std::net::IpAddr>().is_ok())
+                .collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => panic!("{}: {e}", dir.display()),
         }
     }
 
@@ -77,12 +152,13 @@ impl Drop for SimNode {
         if let Err(e) = meshbypass_ebpf::unload(&self.bpf_root) {
             eprintln!("cleanup {}: {e}", self.bpf_root.display());
         }
-        if Path::new("/sys/class/net").join(&self.bridge).exists()
+        if let Some(bridge) = &self.bridge
+            && Path::new("/sys/class/net").join(bridge).exists()
             && let Err(e) = std::process::Command::new("ip")
-                .args(["link", "del", &self.bridge])
+                .args(["link", "del", bridge])
                 .status()
         {
-            eprintln!("cleanup {}: {e}", self.bridge);
+            eprintln!("cleanup {bridge}: {e}");
         }
         if let Some(dir) = &self.run_dir
             && let Err(e) = std::fs::remove_dir_all(dir)

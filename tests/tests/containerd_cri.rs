@@ -1,19 +1,27 @@
 //! The chained plugin under a real container runtime: Debian's containerd
-//! (CRI plugin, runc, its own root/state/socket) with `conflist/bridge.conflist`
-//! as its CNI network, driven through the CRI API as kubelet drives it.
-//! containerd's own libcni runs bridge → portmap → meshbypass with the real
-//! CNI_ARGS (K8S_POD_NAMESPACE/NAME/UID/INFRA_CONTAINER_ID); the workloads
-//! (an HTTP server, HAProxy sidecars as UID 1337 on Istio's ports, curl) run
-//! inside the sandboxes' network namespaces and pod cgroups.
+//! (CRI plugin, runc, its own root/state/socket) driven through the CRI API
+//! as kubelet drives it, with one of our conflists as its CNI network.
+//! containerd's own libcni runs the chain with the real CNI_ARGS
+//! (K8S_POD_NAMESPACE/NAME/UID/INFRA_CONTAINER_ID); the workloads (an HTTP
+//! server, HAProxy sidecars as UID 1337 on Istio's ports, curl) run inside
+//! the sandboxes' network namespaces and pod cgroups. Two networks:
+//!
+//! * `conflist/bridge.conflist` as shipped (1.0.0: bridge → portmap →
+//!   meshbypass);
+//! * `conflist/kindnet.conflist` in its own 0.3.1, as kind's nodes run it
+//!   under containerd (ptp → portmap → meshbypass; libcni sends DEL without
+//!   `prevResult`), as a private network (`SimNode::private`).
 //!
 //! Root only; needs containerd, runc, busybox-static and the reference CNI
-//! plugins (scripts/deps.sh). The conflist names fixed resources (bridge
+//! plugins (scripts/deps.sh). bridge.conflist names fixed resources (bridge
 //! mbx0, /run/meshbypass-local, /sys/fs/bpf/meshbypass-local), shared with
-//! tests/tests/cni_e2e.rs: this test refuses to start while any exists, and
-//! removes them whatever happens.
+//! tests/tests/cni_e2e.rs: that test refuses to start while any exists, and
+//! removes them whatever happens. The tests here take turns: each
+//! containerd's shims keep their sockets under the shared /run/containerd.
 
 use std::{
     path::Path,
+    sync::Mutex,
     time::{Duration, Instant},
 };
 
@@ -37,11 +45,37 @@ fn local_node() -> SimNode {
     SimNode::new("bridge.conflist", |_| {})
 }
 
+/// One containerd at a time.
+static TURN: Mutex<()> = Mutex::new(());
+
 #[test]
 fn containerd_runs_the_chain_through_cri() {
-    let t0 = Instant::now();
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
     let node = local_node();
-    let ctd = Containerd::start(&repo().join("conflist/bridge.conflist"));
+    run_pods_through_cri(&node, &repo().join("conflist/bridge.conflist"));
+}
+
+/// kindnet's own list in its own version (0.3.1), as a kind node's
+/// containerd runs it.
+#[test]
+fn containerd_runs_a_0_3_1_chain_through_cri() {
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let node = SimNode::private("kindnet.conflist", "0.3.1", 8);
+    // In the node's run dir, which its guard removes.
+    let dir = node.state_dir.parent().expect("the node's run dir");
+    std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    let conflist = dir.join("10-kindnet.conflist");
+    std::fs::write(&conflist, node.rt.conflist.to_string()).unwrap();
+    run_pods_through_cri(&node, &conflist);
+}
+
+/// Two pods through CRI with `conflist` as containerd's network (the one
+/// `node` describes): ADD's results, HTTP through both sidecars with the
+/// bypass, and StopPodSandbox/RemovePodSandbox leaving nothing.
+fn run_pods_through_cri(node: &SimNode, conflist: &Path) {
+    let t0 = Instant::now();
+    let version = node.rt.version().to_owned();
+    let ctd = Containerd::start(conflist);
     eprintln!("containerd ready in {:?}", t0.elapsed());
 
     let mut server = ctd.run_pod("srv", &[]);
@@ -82,6 +116,16 @@ fn containerd_runs_the_chain_through_cri() {
             log.contains(&pod.att.uid),
             "the plugin never saw K8S_POD_UID {}:\n{log}",
             pod.att.uid
+        );
+        let adds: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains(&format!("[ADD {}]", pod.id)) && l.ends_with("request"))
+            .collect();
+        assert_eq!(adds.len(), 1, "one ADD of {}:\n{log}", pod.id);
+        assert!(
+            adds[0].ends_with(&format!("CNI {version} request")),
+            "containerd sent the list's version: {}",
+            adds[0]
         );
     }
 
@@ -169,16 +213,9 @@ fn containerd_runs_the_chain_through_cri() {
     wait_for("the pairing maps to drain", Duration::from_secs(10), || {
         n.pairs().is_empty() && n.endpoints().is_empty()
     });
-    let leased: Vec<String> = std::fs::read_dir("/run/meshbypass-local/ipam/meshbypass-local")
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| e.file_name().into_string().ok())
-                .filter(|n| n.parse::<std::net::IpAddr>().is_ok())
-                .collect()
-        })
-        .unwrap_or_default();
+    let leased = node.leases();
     assert!(leased.is_empty(), "host-local leases left: {leased:?}");
     drop((client, server)); // the last pod made removes the shared parent cgroups
     drop(ctd);
-    eprintln!("containerd CRI test: {:?}", t0.elapsed());
+    eprintln!("containerd CRI test ({version}): {:?}", t0.elapsed());
 }

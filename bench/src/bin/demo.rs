@@ -26,6 +26,11 @@ fn main() -> anyhow::Result<()> {
     if smoke {
         secs = secs.min(1);
     }
+    // Everything the demo runs besides itself, before anything is set up
+    // (each panics naming the build command when it is missing).
+    for bin in ["meshbypass", "meshbypass-node", "mb-peer"] {
+        meshbypass_tests::sibling_bin(bin);
+    }
     let started = Instant::now();
     println!("[1/4] a node: bridge + host-local + meshbypass (conflist/bridge.conflist), the shared loader");
     println!("      two pods: client (wrk) and server (nginx), each with an HAProxy sidecar as UID 1337");

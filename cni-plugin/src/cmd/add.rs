@@ -24,7 +24,7 @@ pub fn run(env: &Env, config: &Config) -> Result<String, CniError> {
         fix: "meshbypass is a chained plugin: list it after the primary plugin (bridge, Calico, Flannel, \
               kindnet) in a conflist",
     })?;
-    let reply = prev::passthrough(prev_result, &config.cni_version).to_string();
+    let reply = prev::in_version(prev_result, &config.cni_version).to_string();
 
     // The pod's own settings (from its annotations, with kubernetes.kubeconfig) replace the
     // configuration's for everything below.

@@ -1,4 +1,5 @@
-//! CHECK: the pod's rules, link and map entries are all there and match.
+//! CHECK (CNI 0.4.0 and later; `cmd::dispatch` refuses it before): the pod's
+//! rules, link and map entries are all there and match.
 
 use meshbypass_ebpf::Node;
 

@@ -1,6 +1,8 @@
 //! DEL: remove the redirect (when the netns still exists), the bypass link and
 //! the pod's map entries, and the record. Idempotent: what is already gone is
-//! not an error, and CNI_NETNS may be empty or gone.
+//! not an error, and CNI_NETNS may be empty or gone. `prevResult` is never
+//! read: before CNI 0.4.0 a runtime sends none, so the record ADD wrote (or
+//! the live netns) is what says what to undo, in every version.
 
 use log::{info, warn};
 use meshbypass_ebpf::netns;

@@ -59,7 +59,16 @@ fn dispatch(source: &impl EnvSource, stdin: &[u8]) -> Result<String, CniError> {
         None => env.command.as_str().to_owned(),
     };
     logging::init(config.log_level.filter(), config.log_file.as_deref(), &tag);
-    info!("request");
+    info!("CNI {} request", config.cni_version);
+    if let Some(since) = version::defined_since(env.command)
+        && !version::at_least(&config.cni_version, since)
+    {
+        return Err(CniError::CommandNotInVersion {
+            command: env.command,
+            version: config.cni_version.clone(),
+            since,
+        });
+    }
     if matches!(env.command, Command::Add | Command::Del | Command::Check) {
         // Before anything is touched: no half-configured pod for want of a capability.
         caps::require()?;

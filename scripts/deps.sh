@@ -27,6 +27,17 @@ if ! command -v cargo >/dev/null; then
   echo "cargo not found: install a Rust toolchain (rustup, stable >= 1.88)" >&2
   exit 1
 fi
+# Formatting and lints are part of the suite: their components must be there.
+for tool in fmt clippy; do
+  if ! cargo "$tool" --version >/dev/null 2>&1; then
+    if command -v rustup >/dev/null; then
+      rustup component add "$([[ $tool == fmt ]] && echo rustfmt || echo clippy)"
+    else
+      echo "cargo $tool is missing and there is no rustup to add it" >&2
+      exit 1
+    fi
+  fi
+done
 # The static plugin and agent (scripts/build-static.sh).
 musl=x86_64-unknown-linux-musl
 if [[ ! -d $(rustc --print target-libdir --target "$musl" 2>/dev/null) ]]; then

@@ -14,12 +14,8 @@ cargo build --workspace --locked
 # The static (musl) plugin and agent: install/tests/image.rs checks them and
 # builds the node image from them.
 scripts/build-static.sh >/dev/null
-if cargo fmt --version >/dev/null 2>&1; then
-  cargo fmt --all --check
-fi
-if cargo clippy --version >/dev/null 2>&1; then
-  cargo clippy --workspace --all-targets --locked -- -D warnings
-fi
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked
 # The README's first command as a fresh clone runs it: the demo's own build
 # (release) from none of the binaries it runs, then a short demo.

@@ -12,12 +12,7 @@ use std::{
 use log::warn;
 use meshbypass_ebpf::{Mode, Node, PodEntry, attach::valid_link_name, loader::OpenError, pins::Pins};
 
-use crate::{
-    cgroup,
-    config::{Acceleration, Config},
-    env::Attachment,
-    error::CniError,
-};
+use crate::{cgroup, config::Config, env::Attachment, error::CniError};
 
 /// What ADD did about acceleration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,15 +27,6 @@ pub enum Outcome {
     },
 }
 
-pub fn mode(a: Acceleration) -> Mode {
-    match a {
-        Acceleration::Auto => Mode::Auto,
-        Acceleration::All => Mode::All,
-        Acceleration::ProxyOnly => Mode::ProxyOnly,
-        Acceleration::Off => Mode::Off,
-    }
-}
-
 fn skipped(reason: String) -> Outcome {
     warn!("acceleration skipped: {reason}");
     Outcome::Skipped { reason }
@@ -48,7 +34,7 @@ fn skipped(reason: String) -> Outcome {
 
 /// Attaches and registers; never fails the ADD.
 pub fn attach(config: &Config, att: &Attachment, ips: &[IpAddr], cookie: u64) -> Outcome {
-    let mode = mode(config.acceleration);
+    let mode = config.acceleration;
     if mode == Mode::Off {
         return Outcome::Skipped {
             reason: "acceleration is off".into(),

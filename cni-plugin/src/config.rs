@@ -89,32 +89,9 @@ impl Mesh {
     }
 }
 
-/// How much of a pod's traffic the sockops bypass may short-circuit.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Acceleration {
-    /// Redirect only into sockets known to be safe (the proxy's), unless the kernel selftest
-    /// passed.
-    #[default]
-    Auto,
-    /// Every leg, including into application sockets (opt-in).
-    All,
-    /// Only into the sidecar proxy's sockets.
-    ProxyOnly,
-    /// Iptables redirect only, no bypass.
-    Off,
-}
-
-impl fmt::Display for Acceleration {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Acceleration::Auto => "auto",
-            Acceleration::All => "all",
-            Acceleration::ProxyOnly => "proxy-only",
-            Acceleration::Off => "off",
-        })
-    }
-}
+/// How much of a pod's traffic the sockops bypass may short-circuit (`acceleration`): the
+/// datapath's own mode.
+pub use meshbypass_ebpf::Mode;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -211,7 +188,7 @@ pub struct Config {
     /// Where ADD records what DEL and GC must undo (one file per container).
     pub state_dir: PathBuf,
     pub redirect: RedirectSpec,
-    pub acceleration: Acceleration,
+    pub acceleration: Mode,
     pub kubernetes: Kubernetes,
     pub log_level: LogLevel,
     pub log_file: Option<PathBuf>,
@@ -345,7 +322,7 @@ struct RawConf {
     #[serde(default)]
     redirect: RawRedirect,
     #[serde(default)]
-    acceleration: Acceleration,
+    acceleration: Mode,
     #[serde(default)]
     kubernetes: RawKubernetes,
     #[serde(default)]
@@ -600,7 +577,7 @@ mod tests {
         assert_eq!(config.bpf_root, PathBuf::from("/sys/fs/bpf/meshbypass"));
         assert_eq!(config.cgroup_root, PathBuf::from("/sys/fs/cgroup"));
         assert_eq!(config.mesh(), Mesh::Istio);
-        assert_eq!(config.acceleration, Acceleration::Auto);
+        assert_eq!(config.acceleration, Mode::Auto);
         assert_eq!(config.log_level, LogLevel::Info);
         assert_eq!(config.log_file, None);
         assert_eq!(config.prev_result, None);
@@ -672,7 +649,7 @@ mod tests {
         ));
         assert_eq!(config.bpf_root, PathBuf::from("/run/mbx/bpf"));
         assert_eq!(config.cgroup_root, PathBuf::from("/sys/fs/cgroup/unified"));
-        assert_eq!(config.acceleration, Acceleration::ProxyOnly);
+        assert_eq!(config.acceleration, Mode::ProxyOnly);
         assert_eq!(config.log_level, LogLevel::Debug);
         assert_eq!(config.log_level.filter(), log::LevelFilter::Debug);
         assert_eq!(config.log_file, Some(PathBuf::from("/var/log/meshbypass.log")));

@@ -37,7 +37,7 @@ use log::warn;
 use serde::Deserialize;
 
 use crate::cidr::Cidr;
-use crate::config::{Acceleration, Config, InboundPorts, Mesh, OutboundCidrs, RedirectSpec};
+use crate::config::{Config, InboundPorts, Mesh, Mode, OutboundCidrs, RedirectSpec};
 use crate::ids::IfName;
 
 pub const ISTIO_PROXY: &str = "istio-proxy";
@@ -295,7 +295,7 @@ pub fn settings(
     namespace: &Namespace,
     mesh: Mesh,
     config: &Config,
-) -> Result<(RedirectSpec, Acceleration), PodSettingError> {
+) -> Result<(RedirectSpec, Mode), PodSettingError> {
     let mut spec = if config.mesh() == mesh {
         config.redirect.clone()
     } else {
@@ -318,18 +318,11 @@ pub fn settings(
     Ok((spec, acceleration))
 }
 
-fn acceleration(value: &str) -> Result<Acceleration, PodSettingError> {
-    match value.trim() {
-        "auto" => Ok(Acceleration::Auto),
-        "all" => Ok(Acceleration::All),
-        "proxy-only" => Ok(Acceleration::ProxyOnly),
-        "off" => Ok(Acceleration::Off),
-        _ => Err(setting_error(
-            ACCELERATION,
-            value,
-            "use auto, all, proxy-only or off",
-        )),
-    }
+fn acceleration(value: &str) -> Result<Mode, PodSettingError> {
+    value
+        .trim()
+        .parse()
+        .map_err(|_| setting_error(ACCELERATION, value, "use auto, all, proxy-only, adaptive or off"))
 }
 
 const PORTS_FIX: &str = "use a comma-separated list of ports 1-65535";
@@ -595,7 +588,7 @@ mod tests {
         let (spec, accel) = settings(&p, &ns, Mesh::Istio, &cfg).expect("settings");
         assert_eq!(
             (spec.proxy_uid, accel),
-            (3000, Acceleration::Auto),
+            (3000, Mode::Auto),
             "runAsUser 0 keeps the configured UID"
         );
 

@@ -19,7 +19,7 @@
 use std::time::Instant;
 
 use crate::{
-    config::{Acceleration, Config, ConfigError, RedirectSpec},
+    config::{Config, ConfigError, Mode, RedirectSpec},
     env::{CniArgs, EnvError},
     error::CniError,
     ids::IdError,
@@ -34,7 +34,7 @@ pub enum Decision {
     /// Redirect (and accelerate) the pod with these settings.
     Mesh {
         redirect: Box<RedirectSpec>,
-        acceleration: Acceleration,
+        acceleration: Mode,
         reason: String,
     },
     Skip {

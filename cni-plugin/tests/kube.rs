@@ -373,12 +373,7 @@ fn decisions_and_rules_match_goldens() {
     }
 }
 
-fn meshed(
-    decision: Decision,
-) -> (
-    meshbypass_cni::config::RedirectSpec,
-    meshbypass_cni::config::Acceleration,
-) {
+fn meshed(decision: Decision) -> (meshbypass_cni::config::RedirectSpec, meshbypass_cni::config::Mode) {
     match decision {
         Decision::Mesh {
             redirect,
@@ -391,7 +386,7 @@ fn meshed(
 
 #[test]
 fn per_pod_settings_are_read() {
-    use meshbypass_cni::config::{Acceleration, Mesh};
+    use meshbypass_cni::config::{Mesh, Mode};
     let api = FakeApi::testdata();
     let dir = tempfile::tempdir().expect("tempdir");
     let config = config(&api.kubeconfig(dir.path()), 5.0);
@@ -403,7 +398,7 @@ fn per_pod_settings_are_read() {
         (Mesh::Istio, 2001, Some(2002))
     );
     assert_eq!(spec.exclude_outbound_ports, vec![5432, 6379]);
-    assert_eq!(accel, Acceleration::Auto);
+    assert_eq!(accel, Mode::Auto);
 
     let (spec, _) = get("linkerd-annotated");
     assert_eq!(
@@ -424,14 +419,14 @@ fn per_pod_settings_are_read() {
         vec![3306, 11211],
         "from the namespace"
     );
-    assert_eq!(accel, Acceleration::ProxyOnly, "from the namespace");
+    assert_eq!(accel, Mode::ProxyOnly, "from the namespace");
 
     assert_eq!(
         get("istio-accel-pod").1,
-        Acceleration::All,
+        Mode::All,
         "the pod wins over its namespace"
     );
-    assert_eq!(get("istio-accel-namespace").1, Acceleration::ProxyOnly);
+    assert_eq!(get("istio-accel-namespace").1, Mode::ProxyOnly);
 }
 
 #[test]

@@ -224,18 +224,30 @@ unsafe impl aya::Pod for Pair {}
 unsafe impl aya::Pod for Pod {}
 unsafe impl aya::Pod for Config {}
 
-/// Acceleration mode of a pod (`MB_MODE_*`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// Acceleration mode of a pod (`MB_MODE_*`): how much of its traffic the
+/// bypass may short-circuit. The plugin's `acceleration` setting and the
+/// `meshbypass.io/acceleration` annotation name one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Mode {
     /// `all` when the node's selftest passed, else `proxy-only`.
+    #[default]
     Auto = 0,
     /// Redirect every paired direction.
     All = 1,
     /// Redirect only into the sidecar proxy's sockets.
     ProxyOnly = 2,
-    /// Track nothing.
+    /// Track nothing (the iptables redirect only).
     Off = 3,
+    /// Proxy sockets, and app sockets only while they are provably safe
+    /// members (non-blocking files); opt-in.
+    Adaptive = 4,
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 impl Mode {
@@ -245,6 +257,7 @@ impl Mode {
             1 => Self::All,
             2 => Self::ProxyOnly,
             3 => Self::Off,
+            4 => Self::Adaptive,
             _ => return None,
         })
     }
@@ -255,6 +268,7 @@ impl Mode {
             Self::All => "all",
             Self::ProxyOnly => "proxy-only",
             Self::Off => "off",
+            Self::Adaptive => "adaptive",
         }
     }
 }
@@ -268,6 +282,7 @@ impl std::str::FromStr for Mode {
             "all" => Self::All,
             "proxy-only" => Self::ProxyOnly,
             "off" => Self::Off,
+            "adaptive" => Self::Adaptive,
             _ => return Err(UnknownMode(s.to_owned())),
         })
     }
@@ -275,7 +290,7 @@ impl std::str::FromStr for Mode {
 
 /// A mode name that is not one of `auto`, `all`, `proxy-only`, `off`.
 #[derive(Debug, thiserror::Error)]
-#[error("unknown acceleration mode {0:?}: use auto, all, proxy-only or off")]
+#[error("unknown acceleration mode {0:?}: use auto, all, proxy-only, adaptive or off")]
 pub struct UnknownMode(pub String);
 
 /// Counters (`enum mb_counter`), in index order.
@@ -371,7 +386,7 @@ mod tests {
 
     #[test]
     fn modes_parse_and_print() {
-        for m in [Mode::Auto, Mode::All, Mode::ProxyOnly, Mode::Off] {
+        for m in [Mode::Auto, Mode::All, Mode::ProxyOnly, Mode::Off, Mode::Adaptive] {
             assert_eq!(m.as_str().parse::<Mode>().unwrap(), m);
             assert_eq!(Mode::from_raw(m as u8), Some(m));
         }

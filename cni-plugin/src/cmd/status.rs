@@ -6,7 +6,7 @@ use meshbypass_ebpf::{Node, bpffs, loader::OpenError};
 
 use crate::{
     cgroup,
-    config::{Acceleration, Config},
+    config::{Config, Mode},
     error::CniError,
 };
 
@@ -17,7 +17,7 @@ pub fn run(config: &Config) -> Result<(), CniError> {
             source: None,
         });
     }
-    if config.acceleration == Acceleration::Off {
+    if config.acceleration == Mode::Off {
         return Ok(());
     }
     cgroup::resolve_root(&config.cgroup_root).map_err(|e| CniError::NotAvailable {

@@ -19,6 +19,8 @@
 #define MB_MODE_PROXY_ONLY 2 /* redirect only into the sidecar proxy's sockets; app sockets
                              * join mb_tx only where the kernel is SAFE_MEMBER */
 #define MB_MODE_OFF 3        /* track nothing */
+#define MB_MODE_ADAPTIVE 4   /* proxy sockets, and app sockets only while provably safe
+                             * members: non-blocking files (opt-in) */
 
 /* The drain conditions of resuming a direction (the program's
  * mb_drain_checks, a load-time constant: always both, except in the tests

@@ -16,6 +16,15 @@ pub const DRAIN_SENDER_ACKED: u32 = 1 << 0;
 /// `MB_DRAIN_RECEIVER_READ`: ... and its receiver read every byte TCP gave it.
 pub const DRAIN_RECEIVER_READ: u32 = 1 << 1;
 
+/// `MB_ADAPTIVE_CONNECTED`: `adaptive` admits a connected app socket only if non-blocking.
+pub const ADAPTIVE_CONNECTED: u32 = 1 << 0;
+/// `MB_ADAPTIVE_LISTENER`: ... an accepted one only if its listener was non-blocking.
+pub const ADAPTIVE_LISTENER: u32 = 1 << 1;
+/// `MB_ADAPTIVE_SEND`: a send that finds the file blocking evicts the socket.
+pub const ADAPTIVE_SEND: u32 = 1 << 2;
+/// `MB_ADAPTIVE_DRAINED`: eviction waits until every redirected byte was read.
+pub const ADAPTIVE_DRAINED: u32 = 1 << 3;
+
 /// `MB_KERNEL_PROBED`: a selftest verdict was recorded.
 pub const KERNEL_PROBED: u32 = 1 << 0;
 /// `MB_KERNEL_SAFE_ALL`: the verdict says any socket may receive redirected data.
@@ -178,6 +187,31 @@ pub struct Pod {
     pub pad: u16,
 }
 
+/// `struct mb_port_key`: a listening port of a pod (`adaptive`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PortKey {
+    pub netns: u64,
+    /// Host order.
+    pub port: u16,
+    pub pad0: u16,
+    pub pad1: u32,
+}
+
+/// `struct mb_port`: what `adaptive` knows of the sockets accepted on a port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Port {
+    /// `MB_PORT_*`.
+    pub flags: u32,
+    pub pad: u32,
+}
+
+/// `MB_PORT_LISTENER_NONBLOCK`: every listener on the port was non-blocking at listen().
+pub const PORT_LISTENER_NONBLOCK: u32 = 1 << 0;
+/// `MB_PORT_ACCEPTED_BLOCKING`: a socket accepted there turned out blocking.
+pub const PORT_ACCEPTED_BLOCKING: u32 = 1 << 1;
+
 /// `struct mb_config`: node-wide settings, one entry.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -211,6 +245,8 @@ const _: () = assert!(size_of::<EndpointKey>() == 40);
 const _: () = assert!(size_of::<Endpoint>() == 72);
 const _: () = assert!(size_of::<Pair>() == 64);
 const _: () = assert!(size_of::<Pod>() == 24);
+const _: () = assert!(size_of::<PortKey>() == 16);
+const _: () = assert!(size_of::<Port>() == 8);
 const _: () = assert!(size_of::<Config>() == 24);
 const _: () = assert!(size_of::<SkState>() == 176);
 
@@ -223,6 +259,8 @@ unsafe impl aya::Pod for Endpoint {}
 unsafe impl aya::Pod for Pair {}
 unsafe impl aya::Pod for Pod {}
 unsafe impl aya::Pod for Config {}
+unsafe impl aya::Pod for PortKey {}
+unsafe impl aya::Pod for Port {}
 
 /// Acceleration mode of a pod (`MB_MODE_*`): how much of its traffic the
 /// bypass may short-circuit. The plugin's `acceleration` setting and the
@@ -310,6 +348,8 @@ pub enum Counter {
     ReceiverFull = 11,
     Resumed = 12,
     StackBytes = 13,
+    Admitted = 14,
+    Evicted = 15,
 }
 
 /// `MB_CTR_MAX`: slots of `struct mb_counters`.
@@ -328,7 +368,7 @@ const _: () = assert!(size_of::<CounterBlock>() == 128);
 unsafe impl aya::Pod for CounterBlock {}
 
 impl Counter {
-    pub const ALL: [Counter; 14] = [
+    pub const ALL: [Counter; 16] = [
         Self::SocketsTracked,
         Self::PairsPlain,
         Self::PairsNat,
@@ -343,6 +383,8 @@ impl Counter {
         Self::ReceiverFull,
         Self::Resumed,
         Self::StackBytes,
+        Self::Admitted,
+        Self::Evicted,
     ];
 
     /// The name used in `status --json` and in metrics.
@@ -362,6 +404,8 @@ impl Counter {
             Self::ReceiverFull => "receiver_full",
             Self::Resumed => "resumed",
             Self::StackBytes => "stack_bytes",
+            Self::Admitted => "adaptive_admitted",
+            Self::Evicted => "adaptive_evicted",
         }
     }
 }

@@ -20,7 +20,7 @@ use log::{debug, info};
 
 use crate::{
     OBJECT,
-    abi::{Addr, Config, Endpoint, EndpointKey, LAYOUT_VERSION, Pair, Pod, SockKey},
+    abi::{Addr, Config, Endpoint, EndpointKey, LAYOUT_VERSION, Pair, Pod, Port, PortKey, SockKey},
     bpffs::{self, BpffsError, RootLock},
     pins::{self, Pins},
     sys,
@@ -126,6 +126,7 @@ pub struct Node {
     pub(crate) netns: HashMap<MapData, u64, Pod>,
     pub(crate) pairs: HashMap<MapData, SockKey, Pair>,
     pub(crate) endpoints: HashMap<MapData, EndpointKey, Endpoint>,
+    pub(crate) ports: HashMap<MapData, PortKey, Port>,
     pub(crate) config: Array<MapData, Config>,
     pub(crate) counters: PerCpuArray<MapData, crate::abi::CounterBlock>,
     pub(crate) tx: SockHash<MapData, SockKey>,
@@ -140,12 +141,18 @@ pub struct LoadOptions {
     /// `MB_DRAIN_*`: the conditions a direction sent to the stack by a
     /// full receiver must meet before it returns to the bypass.
     pub drain_checks: u32,
+    /// `MB_ADAPTIVE_*`: the guards of `adaptive`.
+    pub adaptive_checks: u32,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
         Self {
             drain_checks: crate::abi::DRAIN_SENDER_ACKED | crate::abi::DRAIN_RECEIVER_READ,
+            adaptive_checks: crate::abi::ADAPTIVE_CONNECTED
+                | crate::abi::ADAPTIVE_LISTENER
+                | crate::abi::ADAPTIVE_SEND
+                | crate::abi::ADAPTIVE_DRAINED,
         }
     }
 }
@@ -277,6 +284,7 @@ fn load_programs(pins: &Pins, suffix: &str, options: &LoadOptions) -> Result<(),
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(root)
         .override_global("mb_drain_checks", &options.drain_checks, true)
+        .override_global("mb_adaptive_checks", &options.adaptive_checks, true)
         .load(OBJECT)
         .map_err(|e| LoadError::Ebpf(Box::new(e)))?;
 
@@ -418,6 +426,7 @@ impl Node {
             netns: open_map(pins, "mb_netns")?,
             pairs: open_map(pins, "mb_pairs")?,
             endpoints: open_map(pins, "mb_endpoints")?,
+            ports: open_map(pins, "mb_ports")?,
             config: open_map(pins, "mb_config")?,
             counters: open_map(pins, "mb_counters")?,
             tx: open_map(pins, "mb_tx")?,

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 pub const DEFAULT_BPF_ROOT: &str = "/sys/fs/bpf/meshbypass";
 
 /// Maps, pinned by name by the loader (`LIBBPF_PIN_BY_NAME` in the C header).
-pub const MAPS: [&str; 9] = [
+pub const MAPS: [&str; 10] = [
     "mb_tx",
     "mb_rx",
     "mb_pairs",
@@ -17,6 +17,7 @@ pub const MAPS: [&str; 9] = [
     "mb_config",
     "mb_counters",
     "mb_sk_state",
+    "mb_ports",
 ];
 
 /// Program names in the ELF object.

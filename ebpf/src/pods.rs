@@ -161,6 +161,14 @@ impl Node {
             .map(|(k, _)| k)
             .collect();
         let endpoints = remove_keys(&mut self.endpoints, endpoints, |_| "an endpoint".into())?;
+        let ports: Vec<_> = self
+            .ports
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, _)| k.netns == netns_cookie)
+            .map(|(k, _)| k)
+            .collect();
+        remove_keys(&mut self.ports, ports, |k| format!("port {}", k.port))?;
         Ok(Removed {
             netns,
             ips,

@@ -21,6 +21,7 @@ pub mod cni;
 pub mod cri;
 pub mod fixtures;
 pub mod node;
+pub mod script;
 
 use meshbypass_ebpf::{Counter, Mode, Node, PodEntry, counters::Counters};
 

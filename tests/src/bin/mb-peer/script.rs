@@ -1,44 +1,78 @@
 //! The `script` role: named sockets driven line by line from stdin, for the
-//! adversarial tests that need exact control (a local port shared by two
-//! connections, a reused tuple, TCP Fast Open). One reply line per command:
-//! `ok [...]` or `err <what happened>`.
+//! tests that need exact control (a local port shared by two connections, a
+//! reused tuple, TCP Fast Open, blocking and non-blocking files, signals
+//! during a blocking read). One reply line per command: `ok [...]` or
+//! `err <what happened>`.
 //!
-//!   listen NAME ADDR [fastopen]      SO_REUSEADDR listener        -> ok PORT
-//!   accept NAME LISTENER             the next connection          -> ok PEER
-//!   connect NAME ADDR [BIND]         bound with SO_REUSEADDR      -> ok LOCALPORT
-//!   fastopen NAME ADDR TEXT N [BIND] [cork]
-//!                                    sendto(MSG_FASTOPEN) of TEXT×N, blocking -> ok LOCALPORT
-//!   cork NAME | uncork NAME          TCP_CORK on / off
-//!   unsent NAME                      TCP_INFO: unacked segments, bytes not sent -> ok SEGS BYTES
-//!   send NAME TEXT [N]               write TEXT×N                  -> ok BYTES
-//!   expect NAME TEXT [N]             read exactly TEXT×N           -> ok | err (what came)
-//!   read NAME N                      read exactly N bytes          -> ok TEXT | err (what came)
-//!   quiet NAME MS                    nothing arrives for MS        -> ok | ok eof | err got ...
-//!   read_all NAME                    everything until EOF or error -> ok BYTES END: TEXT
-//!   shutdown NAME                    SHUT_WR
+//!   listen NAME ADDR [fastopen] [nonblock]   SO_REUSEADDR listener       -> ok PORT
+//!   accept NAME LISTENER [nonblock]          accept4(), SOCK_NONBLOCK    -> ok PEER
+//!   connect NAME ADDR [BIND] [nonblock]      bound with SO_REUSEADDR; nonblock: the
+//!                                            connect itself is non-blocking (poll)
+//!                                            and the file stays so          -> ok LOCALPORT
+//!   fastopen NAME ADDR TEXT N [BIND] [cork]  sendto(MSG_FASTOPEN) of TEXT×N, blocking
+//!                                                                           -> ok LOCALPORT
+//!   blocking NAME | nonblocking NAME         O_NONBLOCK off / on (fcntl)
+//!   cork NAME | uncork NAME                  TCP_CORK on / off
+//!   unsent NAME                              TCP_INFO: unacked segs, unsent bytes -> ok SEGS BYTES
+//!   send NAME TEXT [N]                       write TEXT×N                   -> ok BYTES
+//!   expect NAME TEXT [N]                     read exactly TEXT×N            -> ok | err (what came)
+//!   read NAME N                              read exactly N bytes           -> ok TEXT | err
+//!   quiet NAME MS                            nothing arrives for MS -> ok | ok eof | err got ...
+//!   read_all NAME                            until EOF or error    -> ok BYTES END: TEXT
+//!   bgread NAME N                            a thread reads N bytes; returns once it
+//!                                            sleeps inside read()
+//!   signal NAME                              SIGUSR1 (handler, SA_RESTART) to that thread
+//!   bgjoin NAME MS                           its result -> ok TEXT | err ... | pending
+//!   shutdown NAME                            SHUT_WR
 //!   close NAME
 //!
 //! Payloads are TEXT repeated N times, so a test can tell whose bytes
-//! arrived where.
+//! arrived where. A blocking socket's read that fails with EAGAIN before its
+//! deadline is reported as such: that is the sockmap hazard a blocking
+//! application would see, never a timeout.
 
 use std::{
     collections::HashMap,
     io::{self, BufRead, Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
-    os::fd::AsRawFd,
+    os::fd::{AsFd, AsRawFd},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, bail};
+use nix::poll::{PollFd, PollFlags, PollTimeout};
 use socket2::{Domain, Protocol, Socket, Type};
 
-use super::{io_deadline, read_some, wait, write_all};
+use super::{io_deadline, write_all};
+
+struct Conn {
+    s: TcpStream,
+    /// The file is blocking: EAGAIN from it is an error, not "poll again".
+    blocking: bool,
+    /// A background blocking read: its thread id and its result.
+    bg: Option<(i32, mpsc::Receiver<Result<Vec<u8>, String>>)>,
+}
 
 enum Sock {
     Listener(TcpListener),
-    Stream(TcpStream),
+    Stream(Conn),
 }
 
+extern "C" fn on_sigusr1(_: libc::c_int) {}
+
 pub fn run() -> anyhow::Result<()> {
+    // A handler that restarts interrupted calls, as most runtimes install:
+    // a blocking read() woken by it must go on waiting, never fail.
+    let action = nix::sys::signal::SigAction::new(
+        nix::sys::signal::SigHandler::Handler(on_sigusr1),
+        nix::sys::signal::SaFlags::SA_RESTART,
+        nix::sys::signal::SigSet::empty(),
+    );
+    // SAFETY: the handler does nothing.
+    unsafe { nix::sys::signal::sigaction(nix::sys::signal::Signal::SIGUSR1, &action) }
+        .context("sigaction")?;
     let mut socks: HashMap<String, Sock> = HashMap::new();
     let mut out = io::stdout();
     for line in io::stdin().lock().lines() {
@@ -65,9 +99,9 @@ fn new_socket(addr: &SocketAddr) -> anyhow::Result<Socket> {
     Ok(s)
 }
 
-fn stream<'a>(socks: &'a mut HashMap<String, Sock>, name: &str) -> anyhow::Result<&'a mut TcpStream> {
+fn conn<'a>(socks: &'a mut HashMap<String, Sock>, name: &str) -> anyhow::Result<&'a mut Conn> {
     match socks.get_mut(name) {
-        Some(Sock::Stream(s)) => Ok(s),
+        Some(Sock::Stream(c)) => Ok(c),
         Some(Sock::Listener(_)) => bail!("{name} is a listener"),
         None => bail!("no socket {name}"),
     }
@@ -78,14 +112,90 @@ fn show(bytes: &[u8]) -> String {
     if bytes.len() > 80 { format!("{s}...") } else { s }
 }
 
+fn new_conn(s: TcpStream, blocking: bool) -> anyhow::Result<Conn> {
+    s.set_nonblocking(!blocking)?;
+    s.set_read_timeout(Some(io_deadline()))?;
+    Ok(Conn {
+        s,
+        blocking,
+        bg: None,
+    })
+}
+
+fn poll_one(fd: impl AsFd, flags: PollFlags, ms: u64) -> io::Result<bool> {
+    let mut fds = [PollFd::new(fd.as_fd(), flags)];
+    let t = PollTimeout::from(u16::try_from(ms).unwrap_or(u16::MAX));
+    Ok(nix::poll::poll(&mut fds, t)? > 0)
+}
+
+/// One read, as the application behind this socket would do it: a
+/// non-blocking file polls and retries; a blocking file's EAGAIN before its
+/// deadline is the sockmap hazard and an error.
+fn read_once(s: &mut TcpStream, blocking: bool, buf: &mut [u8]) -> io::Result<usize> {
+    let deadline = Instant::now() + io_deadline();
+    loop {
+        let t0 = Instant::now();
+        match s.read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && blocking => {
+                let waited = t0.elapsed();
+                return Err(if waited < io_deadline().mul_f32(0.9) {
+                    io::Error::other(format!(
+                        "EAGAIN from a blocking socket after {} ms (the sockmap hazard)",
+                        waited.as_millis()
+                    ))
+                } else {
+                    io::Error::new(io::ErrorKind::TimedOut, "no data within the deadline")
+                });
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() || !poll_one(&*s, PollFlags::POLLIN, left.as_millis() as u64)? {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "no data within the deadline",
+                    ));
+                }
+            }
+            r => return r,
+        }
+    }
+}
+
+fn read_exactly(s: &mut TcpStream, blocking: bool, n: usize) -> Result<Vec<u8>, String> {
+    let mut got = vec![0u8; n];
+    let mut have = 0;
+    while have < n {
+        match read_once(s, blocking, &mut got[have..]) {
+            Ok(0) => return Err(format!("EOF after {have} of {n} bytes: {:?}", show(&got[..have]))),
+            Ok(k) => have += k,
+            Err(e) => return Err(format!("{e} after {have} of {n} bytes: {:?}", show(&got[..have]))),
+        }
+    }
+    Ok(got)
+}
+
+fn set_blocking(s: &TcpStream, blocking: bool) -> io::Result<()> {
+    s.set_nonblocking(!blocking)
+}
+
+/// The state letter of thread `tid` of this process ("S": sleeping).
+fn thread_state(tid: i32) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().next().map(str::to_owned)
+}
+
 fn step(socks: &mut HashMap<String, Sock>, w: &[&str]) -> anyhow::Result<String> {
     match w {
         ["listen", name, addr, rest @ ..] => {
             let addr: SocketAddr = addr.parse()?;
             let s = new_socket(&addr)?;
-            if rest.first() == Some(&"fastopen") {
-                set_int(&s, libc::IPPROTO_TCP, libc::TCP_FASTOPEN, 64).context("TCP_FASTOPEN")?;
+            if rest.contains(&"fastopen") {
+                set_int(s.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_FASTOPEN, 64).context("TCP_FASTOPEN")?;
             }
+            // The file's flags at listen() are what the listener shows.
+            s.set_nonblocking(rest.contains(&"nonblock"))?;
             s.bind(&addr.into()).with_context(|| format!("bind {addr}"))?;
             s.listen(128)?;
             let l: TcpListener = s.into();
@@ -93,36 +203,55 @@ fn step(socks: &mut HashMap<String, Sock>, w: &[&str]) -> anyhow::Result<String>
             socks.insert(name.to_string(), Sock::Listener(l));
             Ok(format!("ok {port}"))
         }
-        ["accept", name, listener] => {
+        ["accept", name, listener, rest @ ..] => {
             let Some(Sock::Listener(l)) = socks.get(*listener) else {
                 bail!("no listener {listener}")
             };
-            let mut fds = [nix::poll::PollFd::new(
-                std::os::fd::AsFd::as_fd(l),
-                nix::poll::PollFlags::POLLIN,
-            )];
-            let ms = u16::try_from(io_deadline().as_millis()).unwrap_or(u16::MAX);
-            if nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(ms))? == 0 {
+            if !poll_one(l, PollFlags::POLLIN, io_deadline().as_millis() as u64)? {
                 bail!("nothing to accept within the deadline");
             }
-            let (s, peer) = l.accept()?;
-            s.set_read_timeout(Some(io_deadline()))?;
-            socks.insert(name.to_string(), Sock::Stream(s));
+            let nonblock = rest.contains(&"nonblock");
+            let flags = if nonblock {
+                nix::sys::socket::SockFlag::SOCK_NONBLOCK
+            } else {
+                nix::sys::socket::SockFlag::empty()
+            };
+            let fd = nix::sys::socket::accept4(l.as_raw_fd(), flags).context("accept4")?;
+            // SAFETY: accept4 returned a new socket we now own.
+            let s = unsafe { <TcpStream as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+            let peer = s.peer_addr()?;
+            socks.insert(name.to_string(), Sock::Stream(new_conn(s, !nonblock)?));
             Ok(format!("ok {peer}"))
         }
         ["connect", name, addr, rest @ ..] => {
             let addr: SocketAddr = addr.parse()?;
             let s = new_socket(&addr)?;
-            if let Some(bind) = rest.first() {
+            let nonblock = rest.contains(&"nonblock");
+            if let Some(bind) = rest.iter().find(|w| **w != "nonblock") {
                 let b: SocketAddr = bind.parse()?;
                 s.bind(&b.into()).with_context(|| format!("bind {b}"))?;
             }
-            s.connect_timeout(&addr.into(), io_deadline())
-                .with_context(|| format!("connect {addr}"))?;
+            if nonblock {
+                s.set_nonblocking(true)?;
+                match s.connect(&addr.into()) {
+                    Ok(()) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {
+                        if !poll_one(&s, PollFlags::POLLOUT, io_deadline().as_millis() as u64)? {
+                            bail!("connect {addr}: not connected within the deadline");
+                        }
+                        if let Some(e) = s.take_error()? {
+                            bail!("connect {addr}: {e}");
+                        }
+                    }
+                    Err(e) => bail!("connect {addr}: {e}"),
+                }
+            } else {
+                s.connect_timeout(&addr.into(), io_deadline())
+                    .with_context(|| format!("connect {addr}"))?;
+            }
             let s: TcpStream = s.into();
-            s.set_read_timeout(Some(io_deadline()))?;
             let port = s.local_addr()?.port();
-            socks.insert(name.to_string(), Sock::Stream(s));
+            socks.insert(name.to_string(), Sock::Stream(new_conn(s, !nonblock)?));
             Ok(format!("ok {port}"))
         }
         ["fastopen", name, addr, text, n, rest @ ..] => {
@@ -132,7 +261,7 @@ fn step(socks: &mut HashMap<String, Sock>, w: &[&str]) -> anyhow::Result<String>
                 if *opt == "cork" {
                     // Partial frames wait in the write queue: the handshake's
                     // ACK then leaves alone, without data.
-                    set_int(&s, libc::IPPROTO_TCP, libc::TCP_CORK, 1).context("TCP_CORK")?;
+                    set_int(s.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_CORK, 1).context("TCP_CORK")?;
                 } else {
                     let b: SocketAddr = opt.parse()?;
                     s.bind(&b.into()).with_context(|| format!("bind {b}"))?;
@@ -153,36 +282,62 @@ fn step(socks: &mut HashMap<String, Sock>, w: &[&str]) -> anyhow::Result<String>
                 sent += k;
             }
             let s: TcpStream = s.into();
-            s.set_read_timeout(Some(io_deadline()))?;
             let port = s.local_addr()?.port();
-            socks.insert(name.to_string(), Sock::Stream(s));
+            socks.insert(name.to_string(), Sock::Stream(new_conn(s, true)?));
             Ok(format!("ok {port}"))
+        }
+        [verb @ ("blocking" | "nonblocking"), name] => {
+            let c = conn(socks, name)?;
+            c.blocking = *verb == "blocking";
+            set_blocking(&c.s, c.blocking)?;
+            Ok("ok".into())
+        }
+        [verb @ ("cork" | "uncork"), name] => {
+            let c = conn(socks, name)?;
+            set_int(
+                c.s.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_CORK,
+                i32::from(*verb == "cork"),
+            )
+            .context("TCP_CORK")?;
+            Ok("ok".into())
+        }
+        ["unsent", name] => {
+            // Bytes given to TCP and not yet acknowledged (TCP_INFO).
+            let c = conn(socks, name)?;
+            // SAFETY: tcp_info is plain integers.
+            let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+            let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+            // SAFETY: info/len describe a tcp_info buffer we own.
+            let rc = unsafe {
+                libc::getsockopt(
+                    c.s.as_raw_fd(),
+                    libc::IPPROTO_TCP,
+                    libc::TCP_INFO,
+                    (&mut info as *mut libc::tcp_info).cast(),
+                    &mut len,
+                )
+            };
+            if rc != 0 {
+                return Err(io::Error::last_os_error()).context("TCP_INFO");
+            }
+            Ok(format!("ok {} {}", info.tcpi_unacked, info.tcpi_notsent_bytes))
         }
         ["send", name, text, rest @ ..] => {
             let data = payload(text, rest.first())?;
-            write_all(stream(socks, name)?, &data)?;
+            let c = conn(socks, name)?;
+            if c.blocking {
+                c.s.write_all(&data)?;
+            } else {
+                write_all(&mut c.s, &data)?;
+            }
             Ok(format!("ok {}", data.len()))
         }
         ["expect", name, text, rest @ ..] => {
             let want = payload(text, rest.first())?;
-            let s = stream(socks, name)?;
-            let mut got = vec![0u8; want.len()];
-            let mut have = 0;
-            while have < want.len() {
-                match read_some(s, &mut got[have..]) {
-                    Ok(0) => bail!(
-                        "EOF after {have} of {} bytes: {:?}",
-                        want.len(),
-                        show(&got[..have])
-                    ),
-                    Ok(k) => have += k,
-                    Err(e) => bail!(
-                        "{e} after {have} of {} bytes: {:?}",
-                        want.len(),
-                        show(&got[..have])
-                    ),
-                }
-            }
+            let c = conn(socks, name)?;
+            let got = read_exactly(&mut c.s, c.blocking, want.len()).map_err(anyhow::Error::msg)?;
             if got != want {
                 let at = got.iter().zip(&want).position(|(a, b)| a != b).unwrap_or(0);
                 bail!("differs at byte {at}: got {:?}", show(&got[at..]));
@@ -190,36 +345,20 @@ fn step(socks: &mut HashMap<String, Sock>, w: &[&str]) -> anyhow::Result<String>
             Ok("ok".into())
         }
         ["read", name, n] => {
-            // Exactly N bytes (or what came before EOF or the deadline).
-            let n: usize = n.parse()?;
-            let s = stream(socks, name)?;
-            let mut got = vec![0u8; n];
-            let mut have = 0;
-            while have < n {
-                match read_some(s, &mut got[have..]) {
-                    Ok(0) => bail!("EOF after {have} of {n} bytes: {:?}", show(&got[..have])),
-                    Ok(k) => have += k,
-                    Err(e) => bail!("{e} after {have} of {n} bytes: {:?}", show(&got[..have])),
-                }
-            }
+            let c = conn(socks, name)?;
+            let got = read_exactly(&mut c.s, c.blocking, n.parse()?).map_err(anyhow::Error::msg)?;
             Ok(format!("ok {}", show(&got)))
         }
         ["quiet", name, ms] => {
-            let ms: u64 = ms.parse()?;
-            let s = stream(socks, name)?;
-            let mut fds = [nix::poll::PollFd::new(
-                std::os::fd::AsFd::as_fd(&*s),
-                nix::poll::PollFlags::POLLIN,
-            )];
-            let t = nix::poll::PollTimeout::from(u16::try_from(ms).unwrap_or(u16::MAX));
-            if nix::poll::poll(&mut fds, t)? == 0 {
+            let c = conn(socks, name)?;
+            if !poll_one(&c.s, PollFlags::POLLIN, ms.parse()?)? {
                 return Ok("ok".into());
             }
             let mut buf = vec![0u8; 4096];
             // SAFETY: recv(2) into a buffer we own.
             let n = unsafe {
                 libc::recv(
-                    s.as_raw_fd(),
+                    c.s.as_raw_fd(),
                     buf.as_mut_ptr().cast(),
                     buf.len(),
                     libc::MSG_DONTWAIT,
@@ -240,58 +379,76 @@ fn step(socks: &mut HashMap<String, Sock>, w: &[&str]) -> anyhow::Result<String>
         }
         ["read_all", name] => {
             // Everything until EOF (or an error): what this socket was given.
-            let s = stream(socks, name)?;
+            let c = conn(socks, name)?;
             let mut got = Vec::new();
             let mut buf = vec![0u8; 65536];
             let end = loop {
-                match s.read(&mut buf) {
+                match read_once(&mut c.s, c.blocking, &mut buf) {
                     Ok(0) => break "eof".to_string(),
                     Ok(k) => got.extend_from_slice(&buf[..k]),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        if let Err(e) = wait(s, nix::poll::PollFlags::POLLIN) {
-                            break e.to_string();
-                        }
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) => break e.to_string(),
                 }
             };
             Ok(format!("ok {} {end}: {:?}", got.len(), show(&got)))
         }
-        [verb @ ("cork" | "uncork"), name] => {
-            let s = stream(socks, name)?;
-            set_fd_int(
-                s.as_raw_fd(),
-                libc::IPPROTO_TCP,
-                libc::TCP_CORK,
-                i32::from(*verb == "cork"),
-            )
-            .context("TCP_CORK")?;
+        ["bgread", name, n] => {
+            let n: usize = n.parse()?;
+            let c = conn(socks, name)?;
+            let (blocking, mut s) = (c.blocking, c.s.try_clone()?);
+            let (tid_tx, tid_rx) = mpsc::channel();
+            let (tx, rx) = mpsc::channel();
+            thread::spawn(move || {
+                if tid_tx.send(nix::unistd::gettid().as_raw()).is_ok() {
+                    // Nobody may be listening any more: the test gave up.
+                    drop(tx.send(read_exactly(&mut s, blocking, n)));
+                }
+            });
+            let tid = tid_rx
+                .recv_timeout(Duration::from_secs(2))
+                .context("reader thread")?;
+            // Back only once the reader sleeps inside read(): a wakeup
+            // before that would prove nothing.
+            let until = Instant::now() + Duration::from_secs(2);
+            while thread_state(tid).as_deref() != Some("S") {
+                if Instant::now() > until {
+                    bail!("the reader never slept in read()");
+                }
+                thread::yield_now();
+            }
+            c.bg = Some((tid, rx));
             Ok("ok".into())
         }
-        ["unsent", name] => {
-            // Bytes given to TCP and not yet acknowledged (TCP_INFO).
-            let s = stream(socks, name)?;
-            // SAFETY: tcp_info is plain integers; getsockopt(2) fills at most len bytes.
-            let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-            let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-            // SAFETY: info/len describe a tcp_info buffer we own.
-            let rc = unsafe {
-                libc::getsockopt(
-                    s.as_raw_fd(),
-                    libc::IPPROTO_TCP,
-                    libc::TCP_INFO,
-                    (&mut info as *mut libc::tcp_info).cast(),
-                    &mut len,
-                )
+        ["signal", name] => {
+            let c = conn(socks, name)?;
+            let Some((tid, _)) = &c.bg else {
+                bail!("no background read on {name}")
             };
+            // SAFETY: tgkill(2) to a thread of this process.
+            let rc = unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), *tid, libc::SIGUSR1) };
             if rc != 0 {
-                return Err(io::Error::last_os_error()).context("TCP_INFO");
+                return Err(io::Error::last_os_error()).context("tgkill");
             }
-            Ok(format!("ok {} {}", info.tcpi_unacked, info.tcpi_notsent_bytes))
+            Ok("ok".into())
+        }
+        ["bgjoin", name, ms] => {
+            let c = conn(socks, name)?;
+            let Some((_, rx)) = &c.bg else {
+                bail!("no background read on {name}")
+            };
+            match rx.recv_timeout(Duration::from_millis(ms.parse()?)) {
+                Ok(Ok(got)) => {
+                    c.bg = None;
+                    Ok(format!("ok {}", show(&got)))
+                }
+                Ok(Err(e)) => {
+                    c.bg = None;
+                    bail!("{e}")
+                }
+                Err(_) => Ok("pending".into()),
+            }
         }
         ["shutdown", name] => {
-            stream(socks, name)?.shutdown(Shutdown::Write)?;
+            conn(socks, name)?.s.shutdown(Shutdown::Write)?;
             Ok("ok".into())
         }
         ["close", name] => match socks.remove(*name) {
@@ -302,11 +459,7 @@ fn step(socks: &mut HashMap<String, Sock>, w: &[&str]) -> anyhow::Result<String>
     }
 }
 
-fn set_int(s: &Socket, level: i32, opt: i32, v: i32) -> io::Result<()> {
-    set_fd_int(s.as_raw_fd(), level, opt, v)
-}
-
-fn set_fd_int(fd: std::os::fd::RawFd, level: i32, opt: i32, v: i32) -> io::Result<()> {
+fn set_int(fd: std::os::fd::RawFd, level: i32, opt: i32, v: i32) -> io::Result<()> {
     // SAFETY: setsockopt(2) with an int option value on a socket we own.
     let rc = unsafe {
         libc::setsockopt(

@@ -497,20 +497,7 @@ fn add_killed_recording(node: &SimNode, att: &Attachment, prev: &Value, n: usize
 /// (rules, link) before DEL runs.
 fn kill_then_del(node: &SimNode, i: usize, kill: Kill, settle: bool) -> (SimPod, Landing) {
     let pod = SimPod::new(&format!("k{i}"), i % 2 == 1);
-    // The primary plugins run to completion, as the runtime would have.
-    let bridge_res = node
-        .rt
-        .exec("bridge", "ADD", Some(&pod.att), &config_for(node, "bridge", None))
-        .unwrap_or_else(|e| panic!("bridge ADD: {e:?}"));
-    let prev = node
-        .rt
-        .exec(
-            "portmap",
-            "ADD",
-            Some(&pod.att),
-            &config_for(node, "portmap", Some(&bridge_res)),
-        )
-        .unwrap_or_else(|e| panic!("portmap ADD: {e:?}"));
+    let prev = primary_add(node, &pod);
     let mut landing = match kill {
         Kill::After(delay) => add_killed_after(node, &pod.att, &prev, delay),
         Kill::Recording(n) => add_killed_recording(node, &pod.att, &prev, n),
@@ -537,6 +524,46 @@ fn kill_then_del(node: &SimNode, i: usize, kill: Kill, settle: bool) -> (SimPod,
         .del(&pod.att, None)
         .unwrap_or_else(|e| panic!("DEL after a killed ADD ({kill:?}): {e:?}"));
     (pod, landing)
+}
+
+/// The primary plugins' ADD (bridge, portmap), run to completion as the
+/// runtime would have: the `prevResult` our plugin gets.
+fn primary_add(node: &SimNode, pod: &SimPod) -> Value {
+    let bridge_res = node
+        .rt
+        .exec("bridge", "ADD", Some(&pod.att), &config_for(node, "bridge", None))
+        .unwrap_or_else(|e| panic!("bridge ADD: {e:?}"));
+    node.rt
+        .exec(
+            "portmap",
+            "ADD",
+            Some(&pod.att),
+            &config_for(node, "portmap", Some(&bridge_res)),
+        )
+        .unwrap_or_else(|e| panic!("portmap ADD: {e:?}"))
+}
+
+/// How long our plugin's ADD takes on this node now (the median of three,
+/// from spawn to exit; each pod is deleted again): the kill points are
+/// spread over it, so that they land in ADD on a slow or loaded machine as
+/// on a fast one (5-7 ms here when idle, over 40 ms under load).
+fn add_duration(node: &SimNode) -> Duration {
+    let mut took: Vec<Duration> = (0..3)
+        .map(|i| {
+            let pod = SimPod::new(&format!("t{i}"), i % 2 == 1);
+            let prev = primary_add(node, &pod);
+            let started = Instant::now();
+            let status = spawn_add(node, &pod.att, &prev).wait().expect("wait for ADD");
+            let took = started.elapsed();
+            assert!(status.success(), "an uninterrupted ADD failed: {status}");
+            node.rt
+                .del(&pod.att, None)
+                .unwrap_or_else(|e| panic!("DEL: {e:?}"));
+            took
+        })
+        .collect();
+    took.sort();
+    took[1]
 }
 
 /// How many kills landed in each step, in ADD's order.
@@ -584,7 +611,8 @@ fn add_killed_at_any_point_then_del_leaves_nothing() {
     // (redirect, attach, record) rather than always in the node's first load.
     let mut warm = SimPod::new("warm", false);
     warm.add(&node);
-    let delays_us = kill_points();
+    let took = add_duration(&node);
+    let delays_us = kill_points(took);
     let mut landings = Vec::new();
     let mut pods = Vec::new();
     for (i, &us) in delays_us.iter().enumerate() {
@@ -601,16 +629,18 @@ fn add_killed_at_any_point_then_del_leaves_nothing() {
     }
     let steps = steps(&landings);
     eprintln!(
-        "{} ADDs killed, each followed by a clean DEL; where the kills landed: {steps:?}",
-        delays_us.len()
+        "{} ADDs killed (an uninterrupted one took {:.1} ms), each followed by a clean DEL; \
+         where the kills landed: {steps:?}",
+        delays_us.len(),
+        took.as_secs_f64() * 1e3
     );
     // The sweep must span ADD (a kill before it wrote anything, one after
     // it finished) and land in each of its parts: the record (written,
-    // before the redirect: about 0.5 ms here), the redirect
-    // (iptables-restore: 2-4 ms), the bypass (the attach, then the last
-    // record: about 1 ms, split unevenly between the two steps from run to
-    // run). A record being written takes µs: no delay aims at it
-    // (add_killed_while_recording_leaves_no_temp_file does).
+    // before the redirect), the redirect (iptables-restore: most of ADD),
+    // the bypass (the attach, then the last record; the split between the
+    // two steps varies from run to run). A record being written takes µs:
+    // no delay aims at it (add_killed_while_recording_leaves_no_temp_file
+    // does).
     let hits = |wanted: &[&str]| -> usize {
         steps
             .iter()
@@ -715,14 +745,15 @@ fn add_killed_while_recording_leaves_no_temp_file() {
     node.rt.del(&warm.att, warm.result.as_ref()).unwrap();
 }
 
-/// Kill points: every 250 µs (100 µs in full) over the first 9 ms (an ADD
-/// takes 5-7 ms here), then a few later ones.
-fn kill_points() -> Vec<u64> {
+/// Kill points (µs) for an ADD that takes `took`: 40 (120 in full) evenly
+/// over that time, then three later ones.
+fn kill_points(took: Duration) -> Vec<u64> {
     let full = std::env::var("MESHBYPASS_TORTURE").is_ok_and(|v| v == "full");
-    let step = if full { 100 } else { 250 };
-    (0..9_000)
-        .step_by(step)
-        .chain([10_000, 12_000, 15_000, 20_000, 30_000])
+    let n: u64 = if full { 120 } else { 40 };
+    let took = took.as_micros() as u64;
+    (0..n)
+        .map(|i| took * i / n)
+        .chain([took * 3 / 2, took * 2, took * 3])
         .collect()
 }
 

@@ -232,15 +232,16 @@ fn check_drained_within(bed: &Bed, r: &mut Row, within: Duration) {
 
 /// Share (in %) of what the redirectable legs carried that the counters
 /// must show as redirected: "most of it". A direction whose first bytes beat
-/// the pairing stays on the stack for the socket's life (DESIGN.md,
-/// invariant 2), a legal and rare fallback (first-bytes counts such
-/// directions: 0 in the recorded runs); the rest of the 100 % is room for
-/// that, not for a bypass that redirects only part of the traffic.
+/// the pairing stays on the stack until both paths drained, into an app
+/// socket for the socket's life (DESIGN.md, invariant 2), a legal and rare
+/// fallback (first-bytes counts such directions: 0 in the recorded runs);
+/// the rest of the 100 % is room for that, not for a bypass that redirects
+/// only part of the traffic.
 const MOST_PCT: u64 = 90;
 
 /// The redirect queue a receiver may hold before its direction goes back to
-/// the stack for good (`receiver_full`): max(sk_rcvbuf, 1 MiB). A leg into
-/// a stalled reader therefore redirects more than this before it stops.
+/// the stack (`receiver_full`): max(sk_rcvbuf, 1 MiB). A leg into a stalled
+/// reader therefore redirects more than this before it stops.
 const RECEIVER_FLOOR: u64 = MIB;
 
 /// A socket of the beds: in the client's pod A or the server's pod B, the
@@ -284,8 +285,10 @@ fn redirectable(mode: Mode, sidecars: bool, a_bypass: bool, a_rules: bool) -> (u
     let (all, member) = match mode {
         Mode::Off => return (0, 0),
         Mode::All => (true, false),
-        // The beds record the kernel's verdict for auto only.
-        Mode::ProxyOnly => (false, false),
+        // The beds record the kernel's verdict for auto only. Adaptive
+        // redirects into proxies, and into apps only while they are safe
+        // members: at least what proxy-only does (no bed uses it yet).
+        Mode::ProxyOnly | Mode::Adaptive => (false, false),
         Mode::Auto => {
             let v = fixtures::kernel_verdict();
             (v.safe_all, v.safe_member)

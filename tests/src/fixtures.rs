@@ -261,8 +261,27 @@ impl Bed {
         ]);
     }
 
-    /// Removes pod A's redirect, as DEL does (established flows keep their NAT).
+    /// Removes pod A's redirect, as DEL does; established flows keep their
+    /// NAT. They keep it only while something in the netns uses conntrack:
+    /// the REDIRECT rule is pod A's only user, and removing the last one
+    /// unhooks conntrack from the netns (`nf_ct_netns_put`), so the
+    /// redirected connections' next packets leave untranslated and pod B
+    /// resets them, with or without the bypass. A rule that only matches on
+    /// conntrack state (and changes nothing) keeps it hooked, as any other
+    /// conntrack user in a real pod would.
     pub fn remove_redirect_a(&self) {
+        self.pods.a.exec(&[
+            "iptables",
+            "-w",
+            "-A",
+            "INPUT",
+            "-m",
+            "conntrack",
+            "--ctstate",
+            "INVALID",
+            "-j",
+            "RETURN",
+        ]);
         self.pods.a.exec(&["iptables", "-w", "-t", "nat", "-F", "OUTPUT"]);
     }
 

@@ -47,12 +47,15 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use super::{io_deadline, write_all};
 
+/// What a background read ends with: the bytes, or what went wrong.
+type ReadResult = Result<Vec<u8>, String>;
+
 struct Conn {
     s: TcpStream,
     /// The file is blocking: EAGAIN from it is an error, not "poll again".
     blocking: bool,
     /// A background blocking read: its thread id and its result.
-    bg: Option<(i32, mpsc::Receiver<Result<Vec<u8>, String>>)>,
+    bg: Option<(i32, mpsc::Receiver<ReadResult>)>,
 }
 
 enum Sock {

@@ -545,8 +545,12 @@ static __always_inline void on_established(struct bpf_sock_ops *skops, int activ
 
 	other = bpf_map_lookup_elem(&mb_endpoints, &ek);
 	if (!other) {
-		if (mode == MB_MODE_ADAPTIVE && self.proxy && remote_local && !active && !apps_tracked)
-			return; /* the app that connected was not admitted */
+		/* The active end establishes first (its callback runs before its
+		 * handshake ACK leaves); if it is not waiting, it is not tracked
+		 * and nothing will ever join a passive socket here. Only a TCP
+		 * Fast Open server establishes first: it stays on the stack. */
+		if (!active)
+			return;
 		/* First end: wait, in the maps our own class allows. */
 		if (!join_maps(skops, st, self.can_rx, self.can_tx))
 			return;

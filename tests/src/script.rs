@@ -99,6 +99,27 @@ impl Bed {
         ]);
     }
 
+    /// Where a process of pod `a` or `b` runs, as `uid` (None: root, an app).
+    pub fn place(&self, pod: char, uid: Option<u32>) -> Place<'_> {
+        let (ns, cg) = match pod {
+            'a' => (&self.pods.a, &self.cg_a),
+            'b' => (&self.pods.b, &self.cg_b),
+            _ => panic!("pod a or b"),
+        };
+        Place {
+            ns,
+            cgroup: &cg.path,
+            uid,
+        }
+    }
+
+    /// `program args` in pod `a` or `b` (stdout lines readable from the peer).
+    pub fn exec(&self, pod: char, uid: Option<u32>, program: &str, args: &[&str]) -> Peer {
+        let mut v = vec!["--", program];
+        v.extend_from_slice(args);
+        Peer::spawn(&self.place(pod, uid), "exec", &v)
+    }
+
     /// A script peer in pod `a` or `b`, as `uid` (None: root, an app).
     pub fn script(&self, pod: char, uid: Option<u32>) -> Script {
         let (ns, cg) = match pod {

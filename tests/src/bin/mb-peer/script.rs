@@ -249,8 +249,12 @@ fn step(socks: &mut HashMap<String, Sock>, w: &[&str]) -> anyhow::Result<String>
                     Err(e) => bail!("connect {addr}: {e}"),
                 }
             } else {
-                s.connect_timeout(&addr.into(), io_deadline())
+                // A blocking connect() (socket2's connect_timeout would make
+                // the file non-blocking while it connects): SO_SNDTIMEO bounds it.
+                s.set_write_timeout(Some(io_deadline()))?;
+                s.connect(&addr.into())
                     .with_context(|| format!("connect {addr}"))?;
+                s.set_write_timeout(None)?;
             }
             let s: TcpStream = s.into();
             let port = s.local_addr()?.port();

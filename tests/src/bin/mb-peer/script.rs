@@ -25,6 +25,26 @@
 //!   bgjoin NAME MS                           its result -> ok TEXT | err ... | pending
 //!   shutdown NAME                            SHUT_WR
 //!   close NAME
+//!   abort NAME                               SO_LINGER 0, then close: a reset
+//!   send_oob NAME TEXT                       send(TEXT, MSG_OOB): its last byte is urgent -> ok BYTES
+//!   recv_oob NAME                            recv(MSG_OOB), non-blocking  -> ok CHAR | err
+//!   peek NAME N                              recv(MSG_PEEK) of up to N bytes, waiting -> ok TEXT
+//!   recv_waitall NAME N                      one blocking recv(MSG_WAITALL) -> ok BYTES MS ms TEXT | err
+//!   recv_once NAME N                         one blocking recv()       -> ok BYTES MS ms TEXT | err
+//!   rcvlowat NAME N                          SO_RCVLOWAT
+//!   repair_seqs NAME                         TCP_REPAIR: write_seq and rcv_nxt -> ok SND RCV
+//!   repair_connect NAME ADDR BIND SND RCV    a TCP_REPAIR socket bound to BIND, its queues at
+//!                                            SND/RCV, "connected" to ADDR without a packet -> ok
+//!   zerocopy NAME TEXT N                     SO_ZEROCOPY, then send(TEXT×N, MSG_ZEROCOPY) -> ok BYTES
+//!   zc_wait NAME MS                          the zerocopy completion within MS -> ok LO HI | err
+//!   discard NAME N                           recv(NULL, N, MSG_TRUNC): drop N bytes -> ok BYTES
+//!   peek_off NAME V                          SO_PEEK_OFF
+//!   write_with NAME HOW TEXT N               write TEXT×N with writev (7-byte iovecs), sendfile
+//!                                            (from a memfd) or splice (through a pipe) -> ok BYTES
+//!   pid                                      this process's PID       -> ok PID
+//!   ruid N                                   setresuid(N, -1, -1): real UID N, still root
+//!   sim_connect NAME ADDR BIND               non-blocking connect, no wait -> ok
+//!   wait_connected NAME                      poll until writable       -> ok | err
 //!
 //! Payloads are TEXT repeated N times, so a test can tell whose bytes
 //! arrived where. A blocking socket's read that fails with EAGAIN before its
@@ -45,7 +65,15 @@ use anyhow::{Context, bail};
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use socket2::{Domain, Protocol, Socket, Type};
 
-use super::{io_deadline, write_all};
+use super::{io_deadline, wait, write_all};
+
+/// TCP_REPAIR_QUEUE values (linux/tcp.h; not in the libc crate).
+const TCP_RECV_QUEUE: i32 = 1;
+const TCP_SEND_QUEUE: i32 = 2;
+
+/// SO_ZEROCOPY and SO_EE_ORIGIN_ZEROCOPY (asm-generic/socket.h, linux/errqueue.h).
+const SO_ZEROCOPY: i32 = 60;
+const SO_EE_ORIGIN_ZEROCOPY: u8 = 5;
 
 /// What a background read ends with: the bytes, or what went wrong.
 type ReadResult = Result<Vec<u8>, String>;
@@ -100,6 +128,11 @@ fn new_socket(addr: &SocketAddr) -> anyhow::Result<Socket> {
     let s = Socket::new(Domain::for_address(*addr), Type::STREAM, Some(Protocol::TCP))?;
     s.set_reuse_address(true)?;
     Ok(s)
+}
+
+/// The named connection's socket.
+fn stream<'a>(socks: &'a mut HashMap<String, Sock>, name: &str) -> anyhow::Result<&'a mut TcpStream> {
+    Ok(&mut conn(socks, name)?.s)
 }
 
 fn conn<'a>(socks: &'a mut HashMap<String, Sock>, name: &str) -> anyhow::Result<&'a mut Conn> {
@@ -458,11 +491,356 @@ fn step(socks: &mut HashMap<String, Sock>, w: &[&str]) -> anyhow::Result<String>
             conn(socks, name)?.s.shutdown(Shutdown::Write)?;
             Ok("ok".into())
         }
+        ["abort", name] => {
+            let s = stream(socks, name)?;
+            socket2::SockRef::from(&*s)
+                .set_linger(Some(std::time::Duration::ZERO))
+                .context("SO_LINGER")?;
+            socks.remove(*name);
+            Ok("ok".into())
+        }
+        ["send_oob", name, text] => {
+            let s = stream(socks, name)?;
+            // SAFETY: send(2) from a buffer we own.
+            let n = unsafe { libc::send(s.as_raw_fd(), text.as_ptr().cast(), text.len(), libc::MSG_OOB) };
+            if n < 0 {
+                return Err(io::Error::last_os_error()).context("send MSG_OOB");
+            }
+            Ok(format!("ok {n}"))
+        }
+        ["recv_oob", name] => {
+            let s = stream(socks, name)?;
+            let mut b = [0u8; 1];
+            // SAFETY: recv(2) into a buffer we own.
+            let n = unsafe {
+                libc::recv(
+                    s.as_raw_fd(),
+                    b.as_mut_ptr().cast(),
+                    1,
+                    libc::MSG_OOB | libc::MSG_DONTWAIT,
+                )
+            };
+            if n < 0 {
+                return Err(io::Error::last_os_error()).context("recv MSG_OOB");
+            }
+            Ok(format!("ok {}", show(&b[..n as usize])))
+        }
+        ["peek", name, n] => {
+            let n: usize = n.parse()?;
+            let s = stream(socks, name)?;
+            wait(s, nix::poll::PollFlags::POLLIN)?;
+            let mut b = vec![0u8; n];
+            // SAFETY: recv(2) into a buffer we own.
+            let k = unsafe {
+                libc::recv(
+                    s.as_raw_fd(),
+                    b.as_mut_ptr().cast(),
+                    n,
+                    libc::MSG_PEEK | libc::MSG_DONTWAIT,
+                )
+            };
+            if k < 0 {
+                return Err(io::Error::last_os_error()).context("recv MSG_PEEK");
+            }
+            Ok(format!("ok {}", show(&b[..k as usize])))
+        }
+        [verb @ ("recv_waitall" | "recv_once"), name, n] => {
+            // One blocking recv(MSG_WAITALL) bounded by the socket's read
+            // timeout (the I/O deadline): a short count means it timed out.
+            let n: usize = n.parse()?;
+            let s = stream(socks, name)?;
+            let mut b = vec![0u8; n];
+            let t0 = std::time::Instant::now();
+            // SAFETY: recv(2) into a buffer we own.
+            let flags = if *verb == "recv_waitall" {
+                libc::MSG_WAITALL
+            } else {
+                0
+            };
+            let k = unsafe { libc::recv(s.as_raw_fd(), b.as_mut_ptr().cast(), n, flags) };
+            if k < 0 {
+                let e = io::Error::last_os_error();
+                bail!("{e} after {} ms", t0.elapsed().as_millis());
+            }
+            Ok(format!(
+                "ok {k} {} ms {}",
+                t0.elapsed().as_millis(),
+                show(&b[..k as usize])
+            ))
+        }
+        ["rcvlowat", name, n] => {
+            let s = stream(socks, name)?;
+            set_int(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVLOWAT, n.parse()?)
+                .context("SO_RCVLOWAT")?;
+            Ok("ok".into())
+        }
+        ["repair_seqs", name] => {
+            // What a sniffer sees: the connection's sequence numbers
+            // (TCP_REPAIR as root: TCP_QUEUE_SEQ of both queues).
+            let s = stream(socks, name)?;
+            let fd = s.as_raw_fd();
+            set_int(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR, 1).context("TCP_REPAIR")?;
+            let mut seqs = [0u32; 2];
+            for (i, q) in [TCP_SEND_QUEUE, TCP_RECV_QUEUE].into_iter().enumerate() {
+                set_int(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR_QUEUE, q).context("TCP_REPAIR_QUEUE")?;
+                seqs[i] =
+                    get_fd_int(fd, libc::IPPROTO_TCP, libc::TCP_QUEUE_SEQ).context("TCP_QUEUE_SEQ")? as u32;
+            }
+            set_int(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR, 0).context("TCP_REPAIR off")?;
+            Ok(format!("ok {} {}", seqs[0], seqs[1]))
+        }
+        ["repair_connect", name, addr, bind, snd, rcv] => {
+            let addr: SocketAddr = addr.parse()?;
+            let b: SocketAddr = bind.parse()?;
+            let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+            let fd = s.as_raw_fd();
+            set_int(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR, 1).context("TCP_REPAIR")?;
+            let snd: u32 = snd.parse()?;
+            let rcv: u32 = rcv.parse()?;
+            for (q, v) in [(TCP_SEND_QUEUE, snd), (TCP_RECV_QUEUE, rcv)] {
+                set_int(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR_QUEUE, q).context("TCP_REPAIR_QUEUE")?;
+                set_int(fd, libc::IPPROTO_TCP, libc::TCP_QUEUE_SEQ, v as i32).context("TCP_QUEUE_SEQ")?;
+            }
+            s.bind(&b.into()).with_context(|| format!("bind {b}"))?;
+            s.connect(&addr.into())
+                .with_context(|| format!("repair connect {addr}"))?;
+            set_int(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR, 0).context("TCP_REPAIR off")?;
+            let s: TcpStream = s.into();
+            socks.insert(name.to_string(), Sock::Stream(new_conn(s, true)?));
+            Ok("ok".into())
+        }
+        ["zerocopy", name, text, n] => {
+            let data = payload(text, Some(n))?;
+            let s = stream(socks, name)?;
+            let fd = s.as_raw_fd();
+            set_int(fd, libc::SOL_SOCKET, SO_ZEROCOPY, 1).context("SO_ZEROCOPY")?;
+            let mut sent = 0;
+            while sent < data.len() {
+                // SAFETY: send(2) from a buffer that outlives the call; the
+                // kernel pins its pages until the completion (which the test
+                // waits for before this process touches it again: never).
+                let k = unsafe {
+                    libc::send(
+                        fd,
+                        data[sent..].as_ptr().cast(),
+                        data.len() - sent,
+                        libc::MSG_ZEROCOPY,
+                    )
+                };
+                if k < 0 {
+                    return Err(io::Error::last_os_error()).context("send MSG_ZEROCOPY");
+                }
+                sent += k as usize;
+            }
+            // Pages stay pinned by the kernel until completion: keep them.
+            std::mem::forget(data);
+            Ok(format!("ok {sent}"))
+        }
+        ["zc_wait", name, ms] => {
+            let ms: u16 = ms.parse()?;
+            let s = stream(socks, name)?;
+            let fd = s.as_raw_fd();
+            // POLLERR is reported whatever the requested events.
+            let mut fds = [nix::poll::PollFd::new(
+                std::os::fd::AsFd::as_fd(&*s),
+                nix::poll::PollFlags::empty(),
+            )];
+            if nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(ms))? == 0 {
+                bail!("none within {ms} ms");
+            }
+            let mut control = [0u64; 32];
+            let mut buf = [0u8; 1];
+            let mut iov = libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: 0,
+            };
+            // SAFETY: msghdr of buffers we own.
+            let mut mh: libc::msghdr = unsafe { std::mem::zeroed() };
+            mh.msg_iov = &mut iov;
+            mh.msg_iovlen = 1;
+            mh.msg_control = control.as_mut_ptr().cast();
+            mh.msg_controllen = std::mem::size_of_val(&control);
+            // SAFETY: recvmsg(2) into the buffers above.
+            let rc = unsafe { libc::recvmsg(fd, &mut mh, libc::MSG_ERRQUEUE | libc::MSG_DONTWAIT) };
+            if rc < 0 {
+                return Err(io::Error::last_os_error()).context("recvmsg MSG_ERRQUEUE");
+            }
+            // SAFETY: walking the control messages recvmsg(2) wrote.
+            let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&mh) };
+            while !cmsg.is_null() {
+                // SAFETY: as above; the payload of IP(V6)_RECVERR is a sock_extended_err.
+                let ee = unsafe {
+                    std::ptr::read_unaligned(libc::CMSG_DATA(cmsg) as *const libc::sock_extended_err)
+                };
+                if ee.ee_origin == SO_EE_ORIGIN_ZEROCOPY {
+                    return Ok(format!("ok {} {}", ee.ee_info, ee.ee_data));
+                }
+                // SAFETY: as above.
+                cmsg = unsafe { libc::CMSG_NXTHDR(&mh, cmsg) };
+            }
+            bail!("an error-queue message that is no zerocopy completion")
+        }
+        ["discard", name, n] => {
+            let n: usize = n.parse()?;
+            let s = stream(socks, name)?;
+            wait(s, nix::poll::PollFlags::POLLIN)?;
+            // SAFETY: recv(2) with MSG_TRUNC copies nothing (TCP discards).
+            let k = unsafe {
+                libc::recv(
+                    s.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    n,
+                    libc::MSG_TRUNC | libc::MSG_DONTWAIT,
+                )
+            };
+            if k < 0 {
+                return Err(io::Error::last_os_error()).context("recv MSG_TRUNC");
+            }
+            Ok(format!("ok {k}"))
+        }
+        ["peek_off", name, v] => {
+            let s = stream(socks, name)?;
+            set_int(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_PEEK_OFF, v.parse()?)
+                .context("SO_PEEK_OFF")?;
+            Ok("ok".into())
+        }
+        ["write_with", name, how, text, n] => {
+            let data = payload(text, Some(n))?;
+            let s = stream(socks, name)?;
+            let fd = s.as_raw_fd();
+            match *how {
+                "writev" => {
+                    let mut off = 0;
+                    while off < data.len() {
+                        let iov: Vec<libc::iovec> = data[off..]
+                            .chunks(7)
+                            .take(512)
+                            .map(|c| libc::iovec {
+                                iov_base: c.as_ptr() as *mut _,
+                                iov_len: c.len(),
+                            })
+                            .collect();
+                        // SAFETY: iovecs into `data`, which outlives the call.
+                        let k = unsafe { libc::writev(fd, iov.as_ptr(), iov.len() as i32) };
+                        if k < 0 {
+                            return Err(io::Error::last_os_error()).context("writev");
+                        }
+                        off += k as usize;
+                    }
+                }
+                "sendfile" | "splice" => {
+                    // SAFETY: memfd_create with a static name; the fd is owned by File.
+                    let raw = unsafe { libc::memfd_create(c"mb-script".as_ptr(), libc::MFD_CLOEXEC) };
+                    if raw < 0 {
+                        return Err(io::Error::last_os_error()).context("memfd_create");
+                    }
+                    // SAFETY: a fresh descriptor nobody else owns.
+                    let mut f = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(raw) };
+                    f.write_all(&data)?;
+                    let mut off: libc::off_t = 0;
+                    let (pr, pw) = nix::unistd::pipe()?;
+                    let mut done = 0usize;
+                    while done < data.len() {
+                        let left = data.len() - done;
+                        let k = if *how == "sendfile" {
+                            // SAFETY: sendfile(2) between descriptors we own.
+                            unsafe { libc::sendfile(fd, f.as_raw_fd(), &mut off, left) }
+                        } else {
+                            // SAFETY: splice(2) memfd -> pipe -> socket.
+                            let m = unsafe {
+                                libc::splice(
+                                    f.as_raw_fd(),
+                                    &mut off,
+                                    pw.as_raw_fd(),
+                                    std::ptr::null_mut(),
+                                    left.min(65536),
+                                    0,
+                                )
+                            };
+                            if m < 0 {
+                                return Err(io::Error::last_os_error()).context("splice into the pipe");
+                            }
+                            let mut moved = 0;
+                            while moved < m {
+                                // SAFETY: as above.
+                                let k = unsafe {
+                                    libc::splice(
+                                        pr.as_raw_fd(),
+                                        std::ptr::null_mut(),
+                                        fd,
+                                        std::ptr::null_mut(),
+                                        (m - moved) as usize,
+                                        0,
+                                    )
+                                };
+                                if k < 0 {
+                                    return Err(io::Error::last_os_error()).context("splice to the socket");
+                                }
+                                moved += k;
+                            }
+                            m
+                        };
+                        if k < 0 {
+                            return Err(io::Error::last_os_error()).context("sendfile");
+                        }
+                        done += k as usize;
+                    }
+                }
+                other => bail!("write_with writev|sendfile|splice, not {other}"),
+            }
+            Ok(format!("ok {}", data.len()))
+        }
+        ["pid"] => Ok(format!("ok {}", std::process::id())),
+        ["ruid", n] => {
+            let n: u32 = n.parse()?;
+            // SAFETY: setresuid(2); -1 keeps the effective and saved IDs.
+            if unsafe { libc::setresuid(n, u32::MAX, u32::MAX) } != 0 {
+                return Err(io::Error::last_os_error()).context("setresuid");
+            }
+            Ok("ok".into())
+        }
+        ["sim_connect", name, addr, bind] => {
+            let addr: SocketAddr = addr.parse()?;
+            let b: SocketAddr = bind.parse()?;
+            let s = new_socket(&addr)?;
+            s.bind(&b.into()).with_context(|| format!("bind {b}"))?;
+            s.set_nonblocking(true)?;
+            match s.connect(&addr.into()) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+                Err(e) => return Err(e).context("connect"),
+            }
+            let s: TcpStream = s.into();
+            socks.insert(name.to_string(), Sock::Stream(new_conn(s, false)?));
+            Ok("ok".into())
+        }
+        ["wait_connected", name] => {
+            let s = stream(socks, name)?;
+            wait(s, nix::poll::PollFlags::POLLOUT)?;
+            if let Some(e) = s.take_error()? {
+                bail!("connect: {e}");
+            }
+            s.set_nonblocking(false)?;
+            s.set_read_timeout(Some(io_deadline()))?;
+            Ok(format!("ok {}", s.peer_addr()?))
+        }
         ["close", name] => match socks.remove(*name) {
             Some(_) => Ok("ok".into()),
             None => bail!("no socket {name}"),
         },
         _ => bail!("unknown command {w:?}"),
+    }
+}
+
+fn get_fd_int(fd: std::os::fd::RawFd, level: i32, opt: i32) -> io::Result<i32> {
+    let mut v: i32 = 0;
+    let mut len = std::mem::size_of::<i32>() as libc::socklen_t;
+    // SAFETY: getsockopt(2) with an int option value we own.
+    let rc = unsafe { libc::getsockopt(fd, level, opt, (&mut v as *mut i32).cast(), &mut len) };
+    if rc == 0 {
+        Ok(v)
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 

@@ -4,6 +4,8 @@
 //! counters and the kernel hazard selftest.
 
 pub mod abi;
+#[cfg(test)]
+mod alignchecker;
 pub mod attach;
 pub mod bpffs;
 pub mod cgroup2;

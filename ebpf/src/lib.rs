@@ -20,6 +20,7 @@ mod sys;
 pub use abi::{Counter, Mode};
 pub use loader::{LoadOptions, LoadOutcome, Node, load, load_with, unload};
 pub use pods::PodEntry;
+pub use sys::SyscallError;
 
 /// The compiled kernel programs (built by build.rs with clang).
 pub(crate) static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/meshbypass.bpf.o"));

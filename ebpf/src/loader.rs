@@ -14,7 +14,7 @@ use std::{
 use aya::{
     EbpfLoader,
     maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, SockHash},
-    programs::{ProgramError, SkMsg, SockOps},
+    programs::{Program, ProgramError},
 };
 use log::{debug, info};
 
@@ -23,8 +23,13 @@ use crate::{
     abi::{Addr, Config, Endpoint, EndpointKey, LAYOUT_VERSION, Pair, Pod, Port, PortKey, SockKey},
     bpffs::{self, BpffsError, RootLock},
     pins::{self, Pins},
-    sys,
+    sys::{self, SyscallError, bpf_attach_type::BPF_SK_MSG_VERDICT},
 };
+
+/// The load-time constants of the programs: `MB_DRAIN_*` and
+/// `MB_ADAPTIVE_*` bits.
+const DRAIN_CHECKS_GLOBAL: &str = "mb_drain_checks";
+const ADAPTIVE_CHECKS_GLOBAL: &str = "mb_adaptive_checks";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -51,8 +56,11 @@ pub enum LoadError {
         #[source]
         source: io::Error,
     },
-    #[error("cannot attach the sk_msg program to mb_tx")]
-    AttachSkMsg(#[source] io::Error),
+    #[error("cannot attach the sk_msg program to {}", pins::MAP_SENDERS)]
+    AttachSkMsg {
+        #[source]
+        source: SyscallError,
+    },
     #[error(transparent)]
     Open(#[from] OpenError),
     #[error("cannot remove {}", path.display())]
@@ -87,11 +95,11 @@ pub enum OpenError {
         #[source]
         source: Box<MapError>,
     },
-    #[error("cannot open pinned program {}", path.display())]
-    Program {
+    #[error("cannot open pin {}", path.display())]
+    Pinned {
         path: PathBuf,
         #[source]
-        source: Box<ProgramError>,
+        source: SyscallError,
     },
 }
 
@@ -129,8 +137,10 @@ pub struct Node {
     pub(crate) ports: HashMap<MapData, PortKey, Port>,
     pub(crate) config: Array<MapData, Config>,
     pub(crate) counters: PerCpuArray<MapData, crate::abi::CounterBlock>,
-    pub(crate) tx: SockHash<MapData, SockKey>,
-    pub(crate) rx: SockHash<MapData, SockKey>,
+    /// `mb_tx`: sockets whose sends may be redirected.
+    pub(crate) senders: SockHash<MapData, SockKey>,
+    /// `mb_rx`: sockets data may be redirected into.
+    pub(crate) targets: SockHash<MapData, SockKey>,
 }
 
 /// How the programs are loaded when this call creates or replaces them.
@@ -201,24 +211,18 @@ pub fn load_with(root: &Path, options: &LoadOptions) -> Result<(Node, LoadOutcom
 fn create(pins: &Pins, options: &LoadOptions) -> Result<(), LoadError> {
     bpffs::mkdir_0700(&pins.progs_dir())?;
     bpffs::mkdir_0700(&pins.links_dir())?;
-    load_programs(pins, "", options)?;
+    load_programs(pins, Pin::Live, options)?;
     attach_sk_msg(pins)?;
     // The stamp goes last: its presence means every pin above exists.
-    let mut config: Array<MapData, Config> = open_map(pins, "mb_config")?;
-    config
-        .set(
-            0,
-            Config {
-                layout_version: LAYOUT_VERSION,
-                object_hash: object_hash(),
-                ..Config::default()
-            },
-            0,
-        )
-        .map_err(|e| OpenError::Map {
-            path: pins.map("mb_config"),
-            source: Box::new(e),
-        })?;
+    let mut config = open_map(pins, pins::MAP_CONFIG)?;
+    update_config(&mut config, |cfg| {
+        *cfg = Config {
+            layout_version: LAYOUT_VERSION,
+            object_hash: object_hash(),
+            ..Config::default()
+        };
+    })
+    .map_err(map_err(pins, pins::MAP_CONFIG))?;
     Ok(())
 }
 
@@ -229,21 +233,17 @@ fn create(pins: &Pins, options: &LoadOptions) -> Result<(), LoadError> {
 /// object hash recorded. A link that cannot be updated keeps the old
 /// program (same layout: it still works) and is logged.
 fn upgrade(pins: &Pins, options: &LoadOptions) -> Result<(), LoadError> {
-    load_programs(pins, NEW_SUFFIX, options)?;
-    for name in [pins::PROG_SOCKOPS, pins::PROG_SK_MSG] {
-        let (tmp, path) = (tmp_pin(pins, name, NEW_SUFFIX), pins.prog(name));
-        fs::rename(&tmp, &path).map_err(|source| LoadError::Rename {
-            from: tmp,
-            to: path.clone(),
+    load_programs(pins, Pin::Staged, options)?;
+    for name in pins::PROGS {
+        let (staged, path) = (pins.staged_prog(name), pins.prog(name));
+        fs::rename(&staged, &path).map_err(|source| LoadError::Rename {
+            from: staged,
+            to: path,
             source,
         })?;
     }
     attach_sk_msg(pins)?;
-    let path = pins.prog(pins::PROG_SOCKOPS);
-    let prog = sys::obj_get(&path).map_err(|e| OpenError::Program {
-        path,
-        source: Box::new(ProgramError::from(e)),
-    })?;
+    let prog = open_pin(&pins.prog(pins::PROG_SOCKOPS))?;
     let mut updated = 0;
     for entry in fs::read_dir(pins.links_dir()).into_iter().flatten().flatten() {
         let link = entry.path();
@@ -252,14 +252,9 @@ fn upgrade(pins: &Pins, options: &LoadOptions) -> Result<(), LoadError> {
             Err(e) => log::warn!("{}: keeps the previous program: {e}", link.display()),
         }
     }
-    let mut config: Array<MapData, Config> = open_map(pins, "mb_config")?;
-    let err = |e| OpenError::Map {
-        path: pins.map("mb_config"),
-        source: Box::new(e),
-    };
-    let mut cfg = config.get(&0, 0).map_err(err)?;
-    cfg.object_hash = object_hash();
-    config.set(0, cfg, 0).map_err(err)?;
+    let mut config = open_map(pins, pins::MAP_CONFIG)?;
+    update_config(&mut config, |cfg| cfg.object_hash = object_hash())
+        .map_err(map_err(pins, pins::MAP_CONFIG))?;
     info!(
         "bpf root {}: programs replaced by this build's, {updated} pod links updated",
         pins.root().display()
@@ -267,50 +262,44 @@ fn upgrade(pins: &Pins, options: &LoadOptions) -> Result<(), LoadError> {
     Ok(())
 }
 
-/// Where an upgrade pins the new programs before renaming them in (bpffs
-/// refuses names with a dot).
-const NEW_SUFFIX: &str = "_new";
-
-fn tmp_pin(pins: &Pins, name: &str, suffix: &str) -> PathBuf {
-    let mut p = pins.prog(name).into_os_string();
-    p.push(suffix);
-    p.into()
+/// Where [`load_programs`] pins a program.
+#[derive(Clone, Copy)]
+enum Pin {
+    /// `progs/<name>`, where the node's programs are.
+    Live,
+    /// `progs/<name>_new`, until an upgrade renames it in.
+    Staged,
 }
 
 /// Loads both programs from the embedded object (its maps are the pinned
-/// ones, created when absent) and pins them as `progs/<name><suffix>`.
-fn load_programs(pins: &Pins, suffix: &str, options: &LoadOptions) -> Result<(), LoadError> {
-    let root = pins.root();
+/// ones, created when absent) and pins them where `pin` says.
+fn load_programs(pins: &Pins, pin: Pin, options: &LoadOptions) -> Result<(), LoadError> {
     let mut ebpf = EbpfLoader::new()
-        .default_map_pin_directory(root)
-        .override_global("mb_drain_checks", &options.drain_checks, true)
-        .override_global("mb_adaptive_checks", &options.adaptive_checks, true)
+        .default_map_pin_directory(pins.root())
+        .override_global(DRAIN_CHECKS_GLOBAL, &options.drain_checks, true)
+        .override_global(ADAPTIVE_CHECKS_GLOBAL, &options.adaptive_checks, true)
         .load(OBJECT)
         .map_err(|e| LoadError::Ebpf(Box::new(e)))?;
-
-    let sockops: &mut SockOps = ebpf
-        .program_mut(pins::PROG_SOCKOPS)
-        .ok_or(LoadError::Missing(pins::PROG_SOCKOPS))?
-        .try_into()
-        .map_err(|e| prog_err(pins::PROG_SOCKOPS, e))?;
-    sockops.load().map_err(|e| prog_err(pins::PROG_SOCKOPS, e))?;
-    let path = tmp_pin(pins, pins::PROG_SOCKOPS, suffix);
-    remove_pin(&path)?; // what a crashed loader may have left
-    sockops
-        .pin(&path)
-        .map_err(|source| LoadError::Pin { path, source })?;
-
-    let sk_msg: &mut SkMsg = ebpf
-        .program_mut(pins::PROG_SK_MSG)
-        .ok_or(LoadError::Missing(pins::PROG_SK_MSG))?
-        .try_into()
-        .map_err(|e| prog_err(pins::PROG_SK_MSG, e))?;
-    sk_msg.load().map_err(|e| prog_err(pins::PROG_SK_MSG, e))?;
-    let path = tmp_pin(pins, pins::PROG_SK_MSG, suffix);
-    remove_pin(&path)?; // what a crashed loader may have left
-    sk_msg
-        .pin(&path)
-        .map_err(|source| LoadError::Pin { path, source })?;
+    for name in pins::PROGS {
+        let program = ebpf.program_mut(name).ok_or(LoadError::Missing(name))?;
+        let loaded = match program {
+            Program::SockOps(p) => p.load(),
+            Program::SkMsg(p) => p.load(),
+            _ => Err(ProgramError::UnexpectedProgramType),
+        };
+        loaded.map_err(|e| LoadError::Program {
+            name,
+            source: Box::new(e),
+        })?;
+        let path = match pin {
+            Pin::Live => pins.prog(name),
+            Pin::Staged => pins.staged_prog(name),
+        };
+        remove_pin(&path)?; // what a crashed loader may have left
+        program
+            .pin(&path)
+            .map_err(|source| LoadError::Pin { path, source })?;
+    }
     Ok(())
 }
 
@@ -326,38 +315,28 @@ fn remove_pin(path: &Path) -> Result<bool, LoadError> {
     }
 }
 
-fn prog_err(name: &'static str, e: ProgramError) -> LoadError {
-    LoadError::Program {
-        name,
-        source: Box::new(e),
-    }
+/// Opens the object pinned at `path`.
+fn open_pin(path: &Path) -> Result<std::os::fd::OwnedFd, OpenError> {
+    sys::obj_get(path).map_err(|source| OpenError::Pinned {
+        path: path.into(),
+        source,
+    })
 }
 
+/// Attaches the sk_msg program to the senders' map (`mb_tx`).
 fn attach_sk_msg(pins: &Pins) -> Result<(), LoadError> {
-    let path = pins.prog(pins::PROG_SK_MSG);
-    let prog = SkMsg::from_pin(&path).map_err(|e| OpenError::Program {
-        path: path.clone(),
-        source: Box::new(e),
-    })?;
-    let tx = MapData::from_pin(pins.map("mb_tx")).map_err(|e| OpenError::Map {
-        path: pins.map("mb_tx"),
-        source: Box::new(e),
-    })?;
-    let prog_fd = prog.fd().map_err(|e| OpenError::Program {
-        path,
-        source: Box::new(e),
-    })?;
-    sys::map_prog_attach(prog_fd.as_fd(), tx.fd().as_fd(), sys::BPF_SK_MSG_VERDICT)
-        .map_err(LoadError::AttachSkMsg)
+    let prog = open_pin(&pins.prog(pins::PROG_SK_MSG))?;
+    let senders = open_pin(&pins.map(pins::MAP_SENDERS))?;
+    sys::prog_attach(prog.as_fd(), senders.as_fd(), BPF_SK_MSG_VERDICT)
+        .map_err(|source| LoadError::AttachSkMsg { source })
 }
 
 /// The stamp: `None` when `mb_config` is not pinned.
 fn read_stamp(pins: &Pins) -> Result<Option<Config>, OpenError> {
-    let path = pins.map("mb_config");
-    if !path.exists() {
+    if !pins.map(pins::MAP_CONFIG).exists() {
         return Ok(None);
     }
-    let config: Array<MapData, Config> = match open_map(pins, "mb_config") {
+    let config: Array<MapData, Config> = match open_map(pins, pins::MAP_CONFIG) {
         Ok(c) => c,
         // Another layout's mb_config has another value size.
         Err(OpenError::Map { source, .. }) if matches!(*source, MapError::InvalidValueSize { .. }) => {
@@ -368,23 +347,38 @@ fn read_stamp(pins: &Pins) -> Result<Option<Config>, OpenError> {
         }
         Err(e) => return Err(e),
     };
-    config.get(&0, 0).map(Some).map_err(|e| OpenError::Map {
-        path,
+    config
+        .get(&0, 0)
+        .map(Some)
+        .map_err(map_err(pins, pins::MAP_CONFIG))
+}
+
+/// Rewrites the single entry of `mb_config` with `change`.
+fn update_config(
+    config: &mut Array<MapData, Config>,
+    change: impl FnOnce(&mut Config),
+) -> Result<(), MapError> {
+    let mut cfg = config.get(&0, 0)?;
+    change(&mut cfg);
+    config.set(0, cfg, 0)
+}
+
+/// An error of the map pinned as `name`.
+fn map_err(pins: &Pins, name: &str) -> impl Fn(MapError) -> OpenError {
+    let path = pins.map(name);
+    move |e| OpenError::Map {
+        path: path.clone(),
         source: Box::new(e),
-    })
+    }
 }
 
 pub(crate) fn open_map<T>(pins: &Pins, name: &str) -> Result<T, OpenError>
 where
     T: TryFrom<Map, Error = MapError>,
 {
-    let path = pins.map(name);
-    let err = |e| OpenError::Map {
-        path: path.clone(),
-        source: Box::new(e),
-    };
-    let data = MapData::from_pin(&path).map_err(err)?;
-    T::try_from(Map::from_map_data(data).map_err(err)?).map_err(err)
+    let err = map_err(pins, name);
+    let data = MapData::from_pin(pins.map(name)).map_err(&err)?;
+    T::try_from(Map::from_map_data(data).map_err(&err)?).map_err(err)
 }
 
 impl Node {
@@ -402,35 +396,23 @@ impl Node {
     }
 
     fn open_unlocked(pins: &Pins) -> Result<Node, OpenError> {
-        for name in pins::MAPS {
-            let path = pins.map(name);
-            if !path.exists() {
-                return Err(OpenError::Incomplete {
-                    root: pins.root().into(),
-                    missing: path,
-                });
-            }
-        }
-        for name in [pins::PROG_SOCKOPS, pins::PROG_SK_MSG] {
-            let path = pins.prog(name);
-            if !path.exists() {
-                return Err(OpenError::Incomplete {
-                    root: pins.root().into(),
-                    missing: path,
-                });
-            }
+        if let Some(missing) = pins.maps_and_progs().find(|path| !path.exists()) {
+            return Err(OpenError::Incomplete {
+                root: pins.root().into(),
+                missing,
+            });
         }
         Ok(Node {
             pins: pins.clone(),
-            pods: open_map(pins, "mb_pods")?,
-            netns: open_map(pins, "mb_netns")?,
-            pairs: open_map(pins, "mb_pairs")?,
-            endpoints: open_map(pins, "mb_endpoints")?,
-            ports: open_map(pins, "mb_ports")?,
-            config: open_map(pins, "mb_config")?,
-            counters: open_map(pins, "mb_counters")?,
-            tx: open_map(pins, "mb_tx")?,
-            rx: open_map(pins, "mb_rx")?,
+            pods: open_map(pins, pins::MAP_PODS)?,
+            netns: open_map(pins, pins::MAP_NETNS)?,
+            pairs: open_map(pins, pins::MAP_PAIRS)?,
+            endpoints: open_map(pins, pins::MAP_ENDPOINTS)?,
+            ports: open_map(pins, pins::MAP_PORTS)?,
+            config: open_map(pins, pins::MAP_CONFIG)?,
+            counters: open_map(pins, pins::MAP_COUNTERS)?,
+            senders: open_map(pins, pins::MAP_SENDERS)?,
+            targets: open_map(pins, pins::MAP_TARGETS)?,
         })
     }
 
@@ -450,33 +432,31 @@ impl Node {
     /// Overwrites the recorded object hash: tests pretend that another build
     /// loaded the pins (the next `load` then replaces the programs).
     pub fn record_object_hash(&mut self, hash: u64) -> Result<(), MapError> {
-        let mut cfg = self.config.get(&0, 0)?;
-        cfg.object_hash = hash;
-        self.config.set(0, cfg, 0)
+        update_config(&mut self.config, |cfg| cfg.object_hash = hash)
     }
 
     /// Sets `mb_config.kernel_flags` (the selftest's private roots).
     pub fn set_kernel_flags(&mut self, flags: u32) -> Result<(), MapError> {
-        let mut cfg = self.config.get(&0, 0)?;
-        cfg.kernel_flags = flags;
-        self.config.set(0, cfg, 0)
+        update_config(&mut self.config, |cfg| cfg.kernel_flags = flags)
     }
 
     /// Records the selftest verdict that `auto` follows.
     pub fn record_verdict(&mut self, report: &crate::selftest::Report) -> Result<(), MapError> {
-        let mut cfg = self.config.get(&0, 0)?;
-        cfg.kernel_flags = report.kernel_flags();
-        cfg.probed_at = std::time::SystemTime::now()
+        let probed_at = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        self.config.set(0, cfg, 0)
+        update_config(&mut self.config, |cfg| {
+            cfg.kernel_flags = report.kernel_flags();
+            cfg.probed_at = probed_at;
+        })
     }
 
-    /// Sockets currently in the socket maps (tx, rx).
+    /// Sockets currently in the socket maps: (senders, targets), i.e.
+    /// (`mb_tx`, `mb_rx`).
     pub fn socket_counts(&self) -> (usize, usize) {
         (
-            self.tx.keys().filter(Result::is_ok).count(),
-            self.rx.keys().filter(Result::is_ok).count(),
+            self.senders.keys().filter(Result::is_ok).count(),
+            self.targets.keys().filter(Result::is_ok).count(),
         )
     }
 
@@ -507,12 +487,11 @@ pub fn unload(root: &Path) -> Result<UnloadReport, LoadError> {
     let pins = Pins::new(root);
     report.links = remove_dir_pins(&pins.links_dir())?;
     // Detach sk_msg from the map: sockets still in it go back to plain TCP.
-    if let (Ok(prog), Ok(tx)) = (
-        SkMsg::from_pin(pins.prog(pins::PROG_SK_MSG)),
-        MapData::from_pin(pins.map("mb_tx")),
-    ) && let Ok(fd) = prog.fd()
-    {
-        match sys::map_prog_detach(fd.as_fd(), tx.fd().as_fd(), sys::BPF_SK_MSG_VERDICT) {
+    if let (Ok(prog), Ok(senders)) = (
+        sys::obj_get(&pins.prog(pins::PROG_SK_MSG)),
+        sys::obj_get(&pins.map(pins::MAP_SENDERS)),
+    ) {
+        match sys::prog_detach(prog.as_fd(), senders.as_fd(), BPF_SK_MSG_VERDICT) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
             Err(e) => debug!("detaching sk_msg: {e}"),
@@ -547,8 +526,7 @@ pub fn unload(root: &Path) -> Result<UnloadReport, LoadError> {
 /// Removes the map and program pins (not links); returns how many.
 fn remove_pins(pins: &Pins) -> Result<usize, LoadError> {
     let mut n = 0;
-    let progs = [pins::PROG_SOCKOPS, pins::PROG_SK_MSG].map(|p| pins.prog(p));
-    for path in pins::MAPS.iter().map(|m| pins.map(m)).chain(progs) {
+    for path in pins.maps_and_progs() {
         n += usize::from(remove_pin(&path)?);
     }
     Ok(n)
@@ -585,11 +563,12 @@ fn remove_dir_if_present(dir: &Path) -> Result<(), LoadError> {
 
 /// Read access to the datapath's state, for status, GC and tests.
 impl Node {
-    /// Keys of the sockets in (tx, rx).
+    /// Keys of the sockets in the socket maps: (senders, targets), i.e.
+    /// (`mb_tx`, `mb_rx`).
     pub fn socket_keys(&self) -> (Vec<SockKey>, Vec<SockKey>) {
         (
-            self.tx.keys().filter_map(Result::ok).collect(),
-            self.rx.keys().filter_map(Result::ok).collect(),
+            self.senders.keys().filter_map(Result::ok).collect(),
+            self.targets.keys().filter_map(Result::ok).collect(),
         )
     }
 

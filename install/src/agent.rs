@@ -184,7 +184,7 @@ fn load_reason(e: &LoadError) -> &'static str {
         LoadError::Open(_) | LoadError::Pin { .. } | LoadError::Rename { .. } | LoadError::Remove { .. } => {
             "pins"
         }
-        LoadError::Ebpf(_) | LoadError::Program { .. } | LoadError::AttachSkMsg(_) => "kernel-refused",
+        LoadError::Ebpf(_) | LoadError::Program { .. } | LoadError::AttachSkMsg { .. } => "kernel-refused",
         LoadError::Missing(_) => "object",
     }
 }

@@ -44,44 +44,6 @@ pub const KERNEL_SAFE_ALL: u32 = header::MB_KERNEL_SAFE_ALL;
 /// member behaves as on plain TCP (proxy-only may then put app sockets in tx).
 pub const KERNEL_SAFE_MEMBER: u32 = header::MB_KERNEL_SAFE_MEMBER;
 
-/// `MB_KERNEL_HAZARD_*`: what the selftest found, by probe name.
-pub const KERNEL_HAZARDS: [(u32, &str, &str); 6] = [
-    (
-        header::MB_KERNEL_HAZARD_REDIRECT,
-        "redirect",
-        "sk_msg redirection does not deliver: nothing is accelerated",
-    ),
-    (
-        header::MB_KERNEL_HAZARD_SPLICE,
-        "splice-reader",
-        "splice() readers hang or read EOF on redirected data: auto redirects only into proxy sockets",
-    ),
-    (
-        header::MB_KERNEL_HAZARD_FIONREAD,
-        "fionread",
-        "FIONREAD does not count redirected data: auto redirects only into proxy sockets",
-    ),
-    (
-        header::MB_KERNEL_HAZARD_BLOCKING,
-        "blocking-read",
-        "a blocking read() on a redirect target fails with EAGAIN when woken without data: \
-         auto redirects only into proxy sockets",
-    ),
-    (
-        header::MB_KERNEL_HAZARD_MEMBER,
-        "blocking-read-member",
-        "a blocking read() on a socket that is only a sender in the maps fails with EAGAIN when \
-         woken without data: proxy-only and auto keep app sockets out of the maps \
-         (sidecar-to-sidecar legs only)",
-    ),
-    (
-        header::MB_KERNEL_HAZARD_QUEUE,
-        "slow-reader",
-        "redirected data is not bounded by the receiver (no psock msg_tot_len before Linux 6.14): \
-         a reader that stalls lets its writer fill memory up to tcp_mem",
-    ),
-];
-
 /// `MB_PAIR_NAT`: the pair was made across an iptables REDIRECT.
 pub const PAIR_NAT: u32 = header::MB_PAIR_NAT;
 /// `MB_PAIR_PEER_PROXY`: the receiving end is the sidecar proxy's socket.

@@ -16,11 +16,13 @@ pub mod pins;
 pub mod pods;
 pub mod selftest;
 mod sys;
+pub mod verdict;
 
 pub use abi::{Counter, Mode};
 pub use loader::{LoadOptions, LoadOutcome, Node, load, load_with, unload};
 pub use pods::PodEntry;
 pub use sys::SyscallError;
+pub use verdict::Verdict;
 
 /// The compiled kernel programs (built by build.rs with clang).
 pub(crate) static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/meshbypass.bpf.o"));

@@ -24,6 +24,7 @@ use crate::{
     bpffs::{self, BpffsError, RootLock},
     pins::{self, Pins},
     sys::{self, SyscallError, bpf_attach_type::BPF_SK_MSG_VERDICT},
+    verdict::Verdict,
 };
 
 /// The load-time constants of the programs: `MB_DRAIN_*` and
@@ -440,13 +441,15 @@ impl Node {
         update_config(&mut self.config, |cfg| cfg.kernel_flags = flags)
     }
 
-    /// Records the selftest verdict that `auto` follows.
-    pub fn record_verdict(&mut self, report: &crate::selftest::Report) -> Result<(), MapError> {
+    /// Records the selftest verdict that `auto` follows (a
+    /// `selftest::Report` converts into one).
+    pub fn record_verdict(&mut self, verdict: impl Into<Verdict>) -> Result<(), MapError> {
+        let kernel_flags = verdict.into().kernel_flags();
         let probed_at = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         update_config(&mut self.config, |cfg| {
-            cfg.kernel_flags = report.kernel_flags();
+            cfg.kernel_flags = kernel_flags;
             cfg.probed_at = probed_at;
         })
     }

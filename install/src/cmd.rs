@@ -261,8 +261,7 @@ fn status(root: &Path, json_out: bool) -> anyhow::Result<ExitCode> {
     let (tx, rx) = node.socket_counts();
     let (pairs, endpoints) = node.pairing_counts();
     let hazards: Vec<_> = selftest::hazards(cfg.kernel_flags)
-        .into_iter()
-        .map(|(probe, what)| json!({"probe": probe, "effect": what}))
+        .map(|h| json!({"probe": h.probe, "effect": h.effect}))
         .collect();
     if json_out {
         println!(

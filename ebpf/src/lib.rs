@@ -10,6 +10,7 @@ pub mod attach;
 pub mod bpffs;
 pub mod cgroup2;
 pub mod counters;
+mod fnv;
 pub mod loader;
 pub mod netns;
 pub mod pins;
@@ -19,6 +20,7 @@ mod sys;
 pub mod verdict;
 
 pub use abi::{Counter, Mode};
+pub use fnv::fnv1a;
 pub use loader::{LoadOptions, LoadOutcome, Node, load, load_with, unload};
 pub use pods::PodEntry;
 pub use sys::SyscallError;

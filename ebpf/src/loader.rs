@@ -22,6 +22,7 @@ use crate::{
     OBJECT,
     abi::{Addr, Config, Endpoint, EndpointKey, LAYOUT_VERSION, Pair, Pod, Port, PortKey, SockKey},
     bpffs::{self, BpffsError, RootLock},
+    fnv::fnv1a,
     pins::{self, Pins},
     sys::{self, SyscallError, bpf_attach_type::BPF_SK_MSG_VERDICT},
     verdict::Verdict,
@@ -121,11 +122,7 @@ pub enum LoadOutcome {
 /// FNV-1a of the embedded object: which build the pinned programs are.
 pub fn object_hash() -> u64 {
     static HASH: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    *HASH.get_or_init(|| {
-        OBJECT.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
-        })
-    })
+    *HASH.get_or_init(|| fnv1a(OBJECT))
 }
 
 /// An open handle on the node's pinned maps and programs.

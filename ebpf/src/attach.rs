@@ -10,7 +10,7 @@ use std::{
 };
 
 use crate::{
-    loader::Node,
+    maps::NodeMaps,
     pins,
     sys::{self, SyscallError, bpf_attach_type::BPF_CGROUP_SOCK_OPS},
 };
@@ -69,7 +69,7 @@ pub fn valid_link_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
-impl Node {
+impl NodeMaps {
     /// Attaches the bypass to `cgroup_dir` (a cgroup v2 directory) under the
     /// link name `name` (the container ID). Idempotent per name.
     pub fn attach_cgroup(&self, cgroup_dir: &Path, name: &str) -> Result<Attached, AttachError> {

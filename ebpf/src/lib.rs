@@ -12,6 +12,7 @@ pub mod cgroup2;
 pub mod counters;
 mod fnv;
 pub mod loader;
+pub mod maps;
 pub mod netns;
 pub mod pins;
 pub mod pods;
@@ -21,7 +22,8 @@ pub mod verdict;
 
 pub use abi::{Counter, Mode};
 pub use fnv::fnv1a;
-pub use loader::{LoadOptions, LoadOutcome, Node, load, load_with, unload};
+pub use loader::{LoadOptions, LoadOutcome, load, load_with, unload};
+pub use maps::NodeMaps;
 pub use pods::PodEntry;
 pub use sys::SyscallError;
 pub use verdict::Verdict;

@@ -13,19 +13,21 @@ use std::{
 
 use aya::{
     EbpfLoader,
-    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, SockHash},
     programs::{Program, ProgramError},
 };
 use log::{debug, info};
 
 use crate::{
     OBJECT,
-    abi::{Addr, Config, Endpoint, EndpointKey, LAYOUT_VERSION, Pair, Pod, Port, PortKey, SockKey},
+    abi::{
+        ADAPTIVE_CONNECTED, ADAPTIVE_DRAINED, ADAPTIVE_LISTENER, ADAPTIVE_SEND, Config, DRAIN_RECEIVER_READ,
+        DRAIN_SENDER_ACKED, LAYOUT_VERSION,
+    },
     bpffs::{self, BpffsError, RootLock},
     fnv::fnv1a,
+    maps::{NodeMaps, OpenError, map_err, open_map, read_stamp, update_config},
     pins::{self, Pins},
     sys::{self, SyscallError, bpf_attach_type::BPF_SK_MSG_VERDICT},
-    verdict::Verdict,
 };
 
 /// The load-time constants of the programs: `MB_DRAIN_*` and
@@ -75,36 +77,6 @@ pub enum LoadError {
     Missing(&'static str),
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum OpenError {
-    #[error("the node's maps are not loaded at {}: run `meshbypass-node load`", root.display())]
-    NotLoaded { root: PathBuf },
-    #[error(
-        "the pins at {} have layout version {found}, this binary uses {LAYOUT_VERSION}: \
-         run the matching meshbypass version, or `meshbypass-node unload` and load again \
-         (running pods lose acceleration until re-added)",
-        root.display()
-    )]
-    LayoutMismatch { root: PathBuf, found: String },
-    #[error(
-        "the pins at {} are incomplete ({} missing): run `meshbypass-node unload` and load again",
-        root.display(), missing.display()
-    )]
-    Incomplete { root: PathBuf, missing: PathBuf },
-    #[error("cannot open pinned map {}", path.display())]
-    Map {
-        path: PathBuf,
-        #[source]
-        source: Box<MapError>,
-    },
-    #[error("cannot open pin {}", path.display())]
-    Pinned {
-        path: PathBuf,
-        #[source]
-        source: SyscallError,
-    },
-}
-
 /// What [`load`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -125,22 +97,6 @@ pub fn object_hash() -> u64 {
     *HASH.get_or_init(|| fnv1a(OBJECT))
 }
 
-/// An open handle on the node's pinned maps and programs.
-pub struct Node {
-    pub(crate) pins: Pins,
-    pub(crate) pods: HashMap<MapData, Addr, Pod>,
-    pub(crate) netns: HashMap<MapData, u64, Pod>,
-    pub(crate) pairs: HashMap<MapData, SockKey, Pair>,
-    pub(crate) endpoints: HashMap<MapData, EndpointKey, Endpoint>,
-    pub(crate) ports: HashMap<MapData, PortKey, Port>,
-    pub(crate) config: Array<MapData, Config>,
-    pub(crate) counters: PerCpuArray<MapData, crate::abi::CounterBlock>,
-    /// `mb_tx`: sockets whose sends may be redirected.
-    pub(crate) senders: SockHash<MapData, SockKey>,
-    /// `mb_rx`: sockets data may be redirected into.
-    pub(crate) targets: SockHash<MapData, SockKey>,
-}
-
 /// How the programs are loaded when this call creates or replaces them.
 /// The default is the only setting for a node; the others exist for the
 /// tests that prove each safety condition necessary by removing it.
@@ -156,24 +112,21 @@ pub struct LoadOptions {
 impl Default for LoadOptions {
     fn default() -> Self {
         Self {
-            drain_checks: crate::abi::DRAIN_SENDER_ACKED | crate::abi::DRAIN_RECEIVER_READ,
-            adaptive_checks: crate::abi::ADAPTIVE_CONNECTED
-                | crate::abi::ADAPTIVE_LISTENER
-                | crate::abi::ADAPTIVE_SEND
-                | crate::abi::ADAPTIVE_DRAINED,
+            drain_checks: DRAIN_SENDER_ACKED | DRAIN_RECEIVER_READ,
+            adaptive_checks: ADAPTIVE_CONNECTED | ADAPTIVE_LISTENER | ADAPTIVE_SEND | ADAPTIVE_DRAINED,
         }
     }
 }
 
 /// Creates the node's pins under `root`, or reuses them. Safe to call from
 /// any number of processes at once.
-pub fn load(root: &Path) -> Result<(Node, LoadOutcome), LoadError> {
+pub fn load(root: &Path) -> Result<(NodeMaps, LoadOutcome), LoadError> {
     load_with(root, &LoadOptions::default())
 }
 
 /// [`load`] with `options` for programs this call loads (a reused node keeps
 /// its programs as they are).
-pub fn load_with(root: &Path, options: &LoadOptions) -> Result<(Node, LoadOutcome), LoadError> {
+pub fn load_with(root: &Path, options: &LoadOptions) -> Result<(NodeMaps, LoadOutcome), LoadError> {
     bpffs::ensure_root(root)?;
     let _lock = RootLock::acquire(root)?;
     let pins = Pins::new(root);
@@ -201,9 +154,9 @@ pub fn load_with(root: &Path, options: &LoadOptions) -> Result<(Node, LoadOutcom
             LoadOutcome::Created
         }
     };
-    let node = Node::open_unlocked(&pins)?;
+    let maps = NodeMaps::open_unlocked(&pins)?;
     info!("bpf root {}: {:?}", root.display(), outcome);
-    Ok((node, outcome))
+    Ok((maps, outcome))
 }
 
 fn create(pins: &Pins, options: &LoadOptions) -> Result<(), LoadError> {
@@ -329,146 +282,6 @@ fn attach_sk_msg(pins: &Pins) -> Result<(), LoadError> {
         .map_err(|source| LoadError::AttachSkMsg { source })
 }
 
-/// The stamp: `None` when `mb_config` is not pinned.
-fn read_stamp(pins: &Pins) -> Result<Option<Config>, OpenError> {
-    if !pins.map(pins::MAP_CONFIG).exists() {
-        return Ok(None);
-    }
-    let config: Array<MapData, Config> = match open_map(pins, pins::MAP_CONFIG) {
-        Ok(c) => c,
-        // Another layout's mb_config has another value size.
-        Err(OpenError::Map { source, .. }) if matches!(*source, MapError::InvalidValueSize { .. }) => {
-            return Err(OpenError::LayoutMismatch {
-                root: pins.root().into(),
-                found: "unknown (mb_config differs)".into(),
-            });
-        }
-        Err(e) => return Err(e),
-    };
-    config
-        .get(&0, 0)
-        .map(Some)
-        .map_err(map_err(pins, pins::MAP_CONFIG))
-}
-
-/// Rewrites the single entry of `mb_config` with `change`.
-fn update_config(
-    config: &mut Array<MapData, Config>,
-    change: impl FnOnce(&mut Config),
-) -> Result<(), MapError> {
-    let mut cfg = config.get(&0, 0)?;
-    change(&mut cfg);
-    config.set(0, cfg, 0)
-}
-
-/// An error of the map pinned as `name`.
-fn map_err(pins: &Pins, name: &str) -> impl Fn(MapError) -> OpenError {
-    let path = pins.map(name);
-    move |e| OpenError::Map {
-        path: path.clone(),
-        source: Box::new(e),
-    }
-}
-
-pub(crate) fn open_map<T>(pins: &Pins, name: &str) -> Result<T, OpenError>
-where
-    T: TryFrom<Map, Error = MapError>,
-{
-    let err = map_err(pins, name);
-    let data = MapData::from_pin(pins.map(name)).map_err(&err)?;
-    T::try_from(Map::from_map_data(data).map_err(&err)?).map_err(err)
-}
-
-impl Node {
-    /// Opens the node's pins; they must exist with this binary's layout.
-    pub fn open(root: &Path) -> Result<Node, OpenError> {
-        let pins = Pins::new(root);
-        match read_stamp(&pins)? {
-            Some(cfg) if cfg.layout_version == LAYOUT_VERSION => Self::open_unlocked(&pins),
-            Some(cfg) if cfg.layout_version != 0 => Err(OpenError::LayoutMismatch {
-                root: root.into(),
-                found: cfg.layout_version.to_string(),
-            }),
-            _ => Err(OpenError::NotLoaded { root: root.into() }),
-        }
-    }
-
-    fn open_unlocked(pins: &Pins) -> Result<Node, OpenError> {
-        if let Some(missing) = pins.maps_and_progs().find(|path| !path.exists()) {
-            return Err(OpenError::Incomplete {
-                root: pins.root().into(),
-                missing,
-            });
-        }
-        Ok(Node {
-            pins: pins.clone(),
-            pods: open_map(pins, pins::MAP_PODS)?,
-            netns: open_map(pins, pins::MAP_NETNS)?,
-            pairs: open_map(pins, pins::MAP_PAIRS)?,
-            endpoints: open_map(pins, pins::MAP_ENDPOINTS)?,
-            ports: open_map(pins, pins::MAP_PORTS)?,
-            config: open_map(pins, pins::MAP_CONFIG)?,
-            counters: open_map(pins, pins::MAP_COUNTERS)?,
-            senders: open_map(pins, pins::MAP_SENDERS)?,
-            targets: open_map(pins, pins::MAP_TARGETS)?,
-        })
-    }
-
-    pub fn root(&self) -> &Path {
-        self.pins.root()
-    }
-
-    pub fn pins(&self) -> &Pins {
-        &self.pins
-    }
-
-    /// The node-wide settings.
-    pub fn config(&self) -> Result<Config, MapError> {
-        self.config.get(&0, 0)
-    }
-
-    /// Overwrites the recorded object hash: tests pretend that another build
-    /// loaded the pins (the next `load` then replaces the programs).
-    pub fn record_object_hash(&mut self, hash: u64) -> Result<(), MapError> {
-        update_config(&mut self.config, |cfg| cfg.object_hash = hash)
-    }
-
-    /// Sets `mb_config.kernel_flags` (the selftest's private roots).
-    pub fn set_kernel_flags(&mut self, flags: u32) -> Result<(), MapError> {
-        update_config(&mut self.config, |cfg| cfg.kernel_flags = flags)
-    }
-
-    /// Records the selftest verdict that `auto` follows (a
-    /// `selftest::Report` converts into one).
-    pub fn record_verdict(&mut self, verdict: impl Into<Verdict>) -> Result<(), MapError> {
-        let kernel_flags = verdict.into().kernel_flags();
-        let probed_at = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        update_config(&mut self.config, |cfg| {
-            cfg.kernel_flags = kernel_flags;
-            cfg.probed_at = probed_at;
-        })
-    }
-
-    /// Sockets currently in the socket maps: (senders, targets), i.e.
-    /// (`mb_tx`, `mb_rx`).
-    pub fn socket_counts(&self) -> (usize, usize) {
-        (
-            self.senders.keys().filter(Result::is_ok).count(),
-            self.targets.keys().filter(Result::is_ok).count(),
-        )
-    }
-
-    /// Entries in the pairing maps (pairs, endpoints).
-    pub fn pairing_counts(&self) -> (usize, usize) {
-        (
-            self.pairs.keys().filter(Result::is_ok).count(),
-            self.endpoints.keys().filter(Result::is_ok).count(),
-        )
-    }
-}
-
 /// What [`unload`] removed.
 #[derive(Debug, Default, serde::Serialize)]
 pub struct UnloadReport {
@@ -479,59 +292,49 @@ pub struct UnloadReport {
 /// Detaches everything and removes every pin under `root` (per-pod links
 /// included), then the root itself when it is empty.
 pub fn unload(root: &Path) -> Result<UnloadReport, LoadError> {
-    let mut report = UnloadReport::default();
     if !root.exists() {
-        return Ok(report);
+        return Ok(UnloadReport::default());
     }
     let lock = RootLock::acquire(root)?;
     let pins = Pins::new(root);
-    report.links = remove_dir_pins(&pins.links_dir())?;
-    // Detach sk_msg from the map: sockets still in it go back to plain TCP.
-    if let (Ok(prog), Ok(senders)) = (
-        sys::obj_get(&pins.prog(pins::PROG_SK_MSG)),
-        sys::obj_get(&pins.map(pins::MAP_SENDERS)),
-    ) {
-        match sys::prog_detach(prog.as_fd(), senders.as_fd(), BPF_SK_MSG_VERDICT) {
-            Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
-            Err(e) => debug!("detaching sk_msg: {e}"),
-        }
-    }
-    report.pins = remove_pins(&pins)?;
-    // What a crashed upgrade may have left (`<prog>_new`).
-    report.pins += remove_dir_pins(&pins.progs_dir())?;
+    let links = remove_dir_pins(&pins.links_dir())?;
+    detach_sk_msg(&pins);
+    // Then what a crashed upgrade may have left (`<prog>_new`).
+    let removed = remove_pins(&pins)? + remove_dir_pins(&pins.progs_dir())?;
     drop(lock);
     for dir in [pins.links_dir(), pins.progs_dir()] {
-        remove_dir_if_present(&dir)?;
+        remove_dir(&dir, &[])?;
     }
-    // A root we mounted ourselves stays a mount point; an empty directory
-    // on /sys/fs/bpf is removed.
-    match fs::remove_dir(root) {
+    // A root we mounted ourselves stays a mount point (EBUSY); an empty
+    // directory on /sys/fs/bpf is removed.
+    remove_dir(root, &[libc::EBUSY, libc::ENOTEMPTY])?;
+    Ok(UnloadReport { links, pins: removed })
+}
+
+/// Detaches sk_msg from the senders' map: sockets still in it go back to
+/// plain TCP. Best effort: the pins are removed next either way.
+fn detach_sk_msg(pins: &Pins) {
+    let (Ok(prog), Ok(senders)) = (
+        sys::obj_get(&pins.prog(pins::PROG_SK_MSG)),
+        sys::obj_get(&pins.map(pins::MAP_SENDERS)),
+    ) else {
+        return;
+    };
+    match sys::prog_detach(prog.as_fd(), senders.as_fd(), BPF_SK_MSG_VERDICT) {
         Ok(()) => {}
-        Err(e)
-            if matches!(
-                e.raw_os_error(),
-                Some(libc::ENOENT) | Some(libc::EBUSY) | Some(libc::ENOTEMPTY)
-            ) => {}
-        Err(source) => {
-            return Err(LoadError::Remove {
-                path: root.into(),
-                source,
-            });
-        }
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+        Err(e) => debug!("detaching sk_msg: {e}"),
     }
-    Ok(report)
 }
 
 /// Removes the map and program pins (not links); returns how many.
 fn remove_pins(pins: &Pins) -> Result<usize, LoadError> {
-    let mut n = 0;
-    for path in pins.maps_and_progs() {
-        n += usize::from(remove_pin(&path)?);
-    }
-    Ok(n)
+    pins.maps_and_progs()
+        .map(|path| remove_pin(&path).map(usize::from))
+        .sum()
 }
 
+/// Removes every pin in `dir`; returns how many.
 fn remove_dir_pins(dir: &Path) -> Result<usize, LoadError> {
     let entries = match fs::read_dir(dir) {
         Ok(e) => e,
@@ -543,52 +346,22 @@ fn remove_dir_pins(dir: &Path) -> Result<usize, LoadError> {
             });
         }
     };
-    let mut n = 0;
-    for entry in entries.flatten() {
-        n += usize::from(remove_pin(&entry.path())?);
-    }
-    Ok(n)
+    entries
+        .flatten()
+        .map(|entry| remove_pin(&entry.path()).map(usize::from))
+        .sum()
 }
 
-fn remove_dir_if_present(dir: &Path) -> Result<(), LoadError> {
+/// Removes the directory `dir`; a missing one, or one failing with an
+/// errno of `benign`, is fine.
+fn remove_dir(dir: &Path, benign: &[i32]) -> Result<(), LoadError> {
     match fs::remove_dir(dir) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) if e.raw_os_error().is_some_and(|errno| benign.contains(&errno)) => Ok(()),
         Err(source) => Err(LoadError::Remove {
             path: dir.into(),
             source,
         }),
-    }
-}
-
-/// Read access to the datapath's state, for status, GC and tests.
-impl Node {
-    /// Keys of the sockets in the socket maps: (senders, targets), i.e.
-    /// (`mb_tx`, `mb_rx`).
-    pub fn socket_keys(&self) -> (Vec<SockKey>, Vec<SockKey>) {
-        (
-            self.senders.keys().filter_map(Result::ok).collect(),
-            self.targets.keys().filter_map(Result::ok).collect(),
-        )
-    }
-
-    /// Every pair entry: socket -> peer.
-    pub fn pairs(&self) -> Vec<(SockKey, Pair)> {
-        self.pairs.iter().filter_map(Result::ok).collect()
-    }
-
-    /// Every waiting endpoint.
-    pub fn endpoints(&self) -> Vec<(EndpointKey, Endpoint)> {
-        self.endpoints.iter().filter_map(Result::ok).collect()
-    }
-
-    /// Writes a pair entry (repair and tests).
-    pub fn set_pair(&mut self, key: &SockKey, pair: &Pair) -> Result<(), MapError> {
-        self.pairs.insert(key, pair, 0)
-    }
-
-    /// Removes a pair entry (repair and tests).
-    pub fn remove_pair(&mut self, key: &SockKey) -> Result<(), MapError> {
-        self.pairs.remove(key)
     }
 }

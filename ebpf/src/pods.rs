@@ -8,7 +8,7 @@ use aya::maps::MapError;
 
 use crate::{
     abi::{Addr, Mode, NO_ID, Pod},
-    loader::Node,
+    maps::NodeMaps,
 };
 
 /// A pod as the plugin registers it.
@@ -70,7 +70,7 @@ pub struct RegisteredPod {
     pub mode: &'static str,
 }
 
-/// What [`Node::unregister_pod`] removed.
+/// What [`NodeMaps::unregister_pod`] removed.
 #[derive(Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Removed {
     pub netns: usize,
@@ -106,7 +106,7 @@ fn remove_keys<K: aya::Pod, V: aya::Pod>(
     Ok(n)
 }
 
-impl Node {
+impl NodeMaps {
     /// Registers (or updates) a pod: IPs first, netns last, so the datapath
     /// never sees the pod half-written.
     pub fn register_pod(&mut self, pod: &PodEntry) -> Result<(), PodError> {

@@ -22,7 +22,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     abi::{Counter, KERNEL_SAFE_MEMBER, Mode, header},
-    cgroup2, loader, netns,
+    cgroup2, loader,
+    maps::NodeMaps,
+    netns,
     pods::PodEntry,
     verdict::Verdict,
 };
@@ -191,13 +193,13 @@ enum Setup {
 }
 
 impl Setup {
-    fn apply(self, node: &mut loader::Node, cookie: u64) -> io::Result<()> {
+    fn apply(self, maps: &mut NodeMaps, cookie: u64) -> io::Result<()> {
         let (mode, proxy_uid, flags) = match self {
             Setup::Targets => (Mode::All, None, 0),
             Setup::Member => (Mode::ProxyOnly, Some(0), KERNEL_SAFE_MEMBER),
         };
-        node.set_kernel_flags(flags).map_err(io::Error::other)?;
-        node.register_pod(&PodEntry {
+        maps.set_kernel_flags(flags).map_err(io::Error::other)?;
+        maps.register_pod(&PodEntry {
             netns_cookie: cookie,
             ips: vec![Ipv4Addr::LOCALHOST.into()],
             outbound_port: 0,
@@ -236,12 +238,12 @@ pub fn run(exe: &Path, timeout: Duration) -> Result<Report, SelftestError> {
 }
 
 fn run_in(exe: &Path, timeout: Duration, root: &Path, cgroup: &Path) -> Result<Report, SelftestError> {
-    let (node, _) = loader::load(root)?;
+    let (maps, _) = loader::load(root)?;
     fs::create_dir_all(cgroup).map_err(|source| SelftestError::Prepare {
         path: cgroup.into(),
         source,
     })?;
-    node.attach_cgroup(cgroup, "selftest")?;
+    maps.attach_cgroup(cgroup, "selftest")?;
     let mut child = Command::new(exe)
         .arg("selftest-probe")
         .arg("--bpf-root")
@@ -321,12 +323,12 @@ pub fn probe_main(root: &Path, cgroup: &Path) -> io::Result<Vec<Probe>> {
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
     loopback_up()?;
     let cookie = netns::current_cookie().map_err(io::Error::other)?;
-    let mut node = loader::Node::open(root).map_err(io::Error::other)?;
+    let mut maps = NodeMaps::open(root).map_err(io::Error::other)?;
     let mut out = Vec::new();
     for hazard in &HAZARDS {
-        hazard.setup.apply(&mut node, cookie)?;
+        hazard.setup.apply(&mut maps, cookie)?;
         let f = hazard.run;
-        let before = redirected(&node);
+        let before = redirected(&maps);
         let (tx, rx) = mpsc::channel();
         let pair = connected_pair()?;
         // A hung probe thread is abandoned; the process exits after the report.
@@ -340,7 +342,7 @@ pub fn probe_main(root: &Path, cgroup: &Path) -> io::Result<Vec<Probe>> {
         let (mut outcome, mut detail) = rx
             .recv_timeout(PROBE_DEADLINE)
             .unwrap_or((Outcome::Hang, format!("no result within {PROBE_DEADLINE:?}")));
-        if redirected(&node) == before && outcome != Outcome::Hang {
+        if redirected(&maps) == before && outcome != Outcome::Hang {
             outcome = Outcome::Inconclusive;
             detail = format!("nothing was redirected ({detail})");
         }
@@ -353,8 +355,8 @@ pub fn probe_main(root: &Path, cgroup: &Path) -> io::Result<Vec<Probe>> {
     Ok(out)
 }
 
-fn redirected(node: &loader::Node) -> u64 {
-    node.counters()
+fn redirected(maps: &NodeMaps) -> u64 {
+    maps.counters()
         .map(|c| c.get(Counter::RedirectedMsgs))
         .unwrap_or(0)
 }

@@ -5,7 +5,7 @@
 use std::{
     fs::{self, File},
     io,
-    os::fd::AsFd,
+    os::fd::{AsFd, BorrowedFd},
     path::{Path, PathBuf},
 };
 
@@ -114,10 +114,7 @@ impl NodeMaps {
 
     /// The kernel ID of the pinned program `name` (`pins::PROG_*`).
     pub fn program_id(&self, name: &str) -> Result<u32, AttachError> {
-        let path = self.pins.prog(name);
-        sys::obj_get(&path)
-            .and_then(|prog| sys::prog_id(prog.as_fd()))
-            .map_err(|source| AttachError::Query { path, source })
+        query(self.pins.prog(name), sys::prog_id)
     }
 
     /// The kernel ID of the program the pod link `name` runs.
@@ -125,10 +122,7 @@ impl NodeMaps {
         if !valid_link_name(name) {
             return Err(AttachError::InvalidName { name: name.into() });
         }
-        let path = self.pins.link(name);
-        sys::obj_get(&path)
-            .and_then(|link| sys::link_prog_id(link.as_fd()))
-            .map_err(|source| AttachError::Query { path, source })
+        query(self.pins.link(name), sys::link_prog_id)
     }
 
     /// Detaches the link named `name`; `false` when there was none.
@@ -155,6 +149,13 @@ impl NodeMaps {
         names.sort();
         names
     }
+}
+
+/// `id` of the object pinned at `path`.
+fn query(path: PathBuf, id: fn(BorrowedFd<'_>) -> Result<u32, SyscallError>) -> Result<u32, AttachError> {
+    sys::obj_get(&path)
+        .and_then(|object| id(object.as_fd()))
+        .map_err(|source| AttachError::Query { path, source })
 }
 
 #[cfg(test)]

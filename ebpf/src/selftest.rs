@@ -499,15 +499,21 @@ fn probe_fionread(client: &mut TcpStream, server: &mut TcpStream) -> (Outcome, S
 /// A blocking reader on a map member, woken by something other than data
 /// (its own FIN being acknowledged), must keep waiting, not fail.
 fn probe_blocking_read(client: &mut TcpStream, server: &mut TcpStream) -> (Outcome, String) {
-    // Traffic first, so the probe counts as redirected.
-    if let Err(e) = client.write_all(b"warm-up") {
-        return (Outcome::Fail, format!("write: {e}"));
-    }
-    let mut buf = [0u8; 7];
-    if let Err(e) = server.read_exact(&mut buf) {
-        return (Outcome::Fail, format!("warm-up read: {e}"));
+    if let Err(failed) = warm_up(client, server) {
+        return failed;
     }
     probe_blocking_wakeup(client, server)
+}
+
+/// Traffic `from` -> `to` before a wakeup probe, so that the probe counts
+/// as redirected.
+fn warm_up(from: &mut TcpStream, to: &mut TcpStream) -> Result<(), (Outcome, String)> {
+    const WARM_UP: &[u8] = b"warm-up";
+    from.write_all(WARM_UP)
+        .map_err(|e| (Outcome::Fail, format!("write: {e}")))?;
+    let mut buf = [0u8; WARM_UP.len()];
+    to.read_exact(&mut buf)
+        .map_err(|e| (Outcome::Fail, format!("warm-up read: {e}")))
 }
 
 /// `server` blocks in read(); its own FIN being acknowledged wakes it
@@ -578,13 +584,9 @@ fn probe_blocking_wakeup(client: &mut TcpStream, server: &mut TcpStream) -> (Out
 /// The same wakeup on a socket that is only a sender in the maps (what
 /// proxy-only makes of an app socket): is mere membership a hazard?
 fn probe_blocking_read_member(client: &mut TcpStream, server: &mut TcpStream) -> (Outcome, String) {
-    // server (app, tx only) -> client (proxy, rx): redirected traffic first.
-    if let Err(e) = server.write_all(b"warm-up") {
-        return (Outcome::Fail, format!("write: {e}"));
-    }
-    let mut buf = [0u8; 7];
-    if let Err(e) = client.read_exact(&mut buf) {
-        return (Outcome::Fail, format!("warm-up read: {e}"));
+    // server (app, tx only) -> client (proxy, rx).
+    if let Err(failed) = warm_up(server, client) {
+        return failed;
     }
     probe_blocking_wakeup(client, server)
 }

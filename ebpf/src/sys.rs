@@ -52,7 +52,7 @@ fn sys_bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> Result<libc::c_long, SyscallErr
         libc::syscall(
             libc::SYS_bpf,
             cmd as libc::c_long,
-            attr,
+            std::ptr::from_mut(attr),
             mem::size_of::<bpf_attr>(),
         )
     };

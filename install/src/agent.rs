@@ -29,9 +29,10 @@ use std::{
 
 use anyhow::Context;
 use meshbypass_ebpf::{
-    Node,
+    NodeMaps,
     abi::KERNEL_PROBED,
-    loader::{self, LoadError, OpenError},
+    loader::{self, LoadError},
+    maps::OpenError,
 };
 use nix::{
     poll::{PollFd, PollFlags, PollTimeout, poll},
@@ -85,7 +86,7 @@ pub struct RunOptions {
     pub daemonset: String,
 }
 
-type SharedNode = Arc<Mutex<Option<Node>>>;
+type SharedNode = Arc<Mutex<Option<NodeMaps>>>;
 
 /// The plugin binary shipped beside this executable (the image has both).
 pub fn default_plugin_binary() -> anyhow::Result<PathBuf> {
@@ -184,7 +185,7 @@ fn load_reason(e: &LoadError) -> &'static str {
         LoadError::Open(_) | LoadError::Pin { .. } | LoadError::Rename { .. } | LoadError::Remove { .. } => {
             "pins"
         }
-        LoadError::Ebpf(_) | LoadError::Program { .. } | LoadError::AttachSkMsg(_) => "kernel-refused",
+        LoadError::Ebpf(_) | LoadError::Program { .. } | LoadError::AttachSkMsg { .. } => "kernel-refused",
         LoadError::Missing(_) => "object",
     }
 }

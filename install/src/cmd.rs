@@ -4,9 +4,10 @@ use std::{path::Path, process::ExitCode, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use meshbypass_ebpf::{
-    Counter, Node,
+    Counter, NodeMaps,
     abi::{KERNEL_PROBED, KERNEL_SAFE_ALL, KERNEL_SAFE_MEMBER, LAYOUT_VERSION},
-    loader::{self, OpenError},
+    loader,
+    maps::OpenError,
     selftest,
 };
 use serde_json::json;
@@ -49,7 +50,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Selftest => {
             let report = run_selftest()?;
             // Record the verdict when the node is loaded here.
-            match Node::open(root) {
+            match NodeMaps::open(root) {
                 Ok(mut node) => node
                     .record_verdict(&report)
                     .context("recording the selftest verdict")?,
@@ -234,7 +235,7 @@ fn print_selftest(r: &selftest::Report) {
 
 fn status(root: &Path, json_out: bool) -> anyhow::Result<ExitCode> {
     let kernel = selftest::kernel_release();
-    let node = match Node::open(root) {
+    let node = match NodeMaps::open(root) {
         Ok(node) => node,
         Err(OpenError::NotLoaded { .. }) => {
             let zero: serde_json::Map<String, serde_json::Value> = Counter::ALL
@@ -261,8 +262,7 @@ fn status(root: &Path, json_out: bool) -> anyhow::Result<ExitCode> {
     let (tx, rx) = node.socket_counts();
     let (pairs, endpoints) = node.pairing_counts();
     let hazards: Vec<_> = selftest::hazards(cfg.kernel_flags)
-        .into_iter()
-        .map(|(probe, what)| json!({"probe": probe, "effect": what}))
+        .map(|h| json!({"probe": h.probe, "effect": h.effect}))
         .collect();
     if json_out {
         println!(

@@ -9,7 +9,7 @@ use std::{
     },
 };
 
-use meshbypass_ebpf::{Node, abi::KERNEL_HAZARDS, abi::KERNEL_PROBED};
+use meshbypass_ebpf::{NodeMaps, abi::KERNEL_PROBED, selftest::HAZARDS};
 
 /// What the installer writes on the host.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -167,7 +167,7 @@ impl Out {
 
 /// The `/metrics` body. `node` is `None` when the maps are not loaded (or
 /// could not be read: then only the agent's own tallies are shown).
-pub fn render(stats: &Stats, node: Option<&Node>) -> String {
+pub fn render(stats: &Stats, node: Option<&NodeMaps>) -> String {
     let mut out = Out(String::new());
     out.single(
         "meshbypass_ready",
@@ -297,11 +297,11 @@ pub fn render(stats: &Stats, node: Option<&Node>) -> String {
                 "gauge",
                 "1 when the selftest found this hazard on the running kernel.",
             );
-            for (bit, name, _) in KERNEL_HAZARDS {
+            for hazard in &HAZARDS {
                 out.sample(
                     "meshbypass_kernel_hazard",
-                    &[("probe", name)],
-                    u64::from(cfg.kernel_flags & bit != 0),
+                    &[("probe", hazard.probe)],
+                    u64::from(cfg.kernel_flags & hazard.bit != 0),
                 );
             }
         }

@@ -152,11 +152,19 @@ struct socket___mb {
 	struct file___mb *file;
 } __attribute__((preserve_access_index));
 
+/* The socket flags (enum sock_flags bits) live in sock_common on recent
+ * kernels, in struct sock itself on older ones. */
+struct sock_common___mb {
+	unsigned long skc_flags;
+} __attribute__((preserve_access_index));
+
 struct sock___mb {
+	struct sock_common___mb __sk_common;
 	void *sk_user_data;
 	int sk_rcvbuf;
 	int sk_rcvlowat;
 	struct socket___mb *sk_socket;
+	unsigned long sk_flags;
 } __attribute__((preserve_access_index));
 
 struct tcp_sock___mb {
@@ -733,14 +741,38 @@ static __always_inline __u64 receiver_full(struct sk_msg_md *msg)
 
 /* This socket's write_seq: sk_msg runs inside sendmsg under the socket's
  * lock, so no byte can enter TCP while we look. ~seq0 when unreadable. */
-static __always_inline __u32 write_seq(struct bpf_sock *sk, __u32 seq0)
+/* Why a sender's message must take TCP although it is paired: 0 none. */
+#define MB_STACK_BYTES 1 /* bytes went through TCP without sk_msg (write_seq moved past seq0) */
+#define MB_STACK_ZEROCOPY 2 /* SO_ZEROCOPY: its completions come only from TCP's error queue */
+
+/* The kernel's enum sock_flags bit of SO_ZEROCOPY, found by CO-RE. */
+enum sock_flags___mb {
+	SOCK_ZEROCOPY___mb = 18,
+};
+
+/* Read under the sender's lock (sk_msg runs inside sendmsg), so no byte can
+ * enter TCP while we look. */
+static __always_inline int must_take_stack(struct bpf_sock *sk, __u32 seq0)
 {
 	struct tcp_sock___mb *tp = (void *)bpf_skc_to_tcp_sock(sk);
-	__u32 wseq;
+	unsigned long flags = 0;
+	__u32 wseq, bit;
 
-	if (!tp || bpf_core_read(&wseq, sizeof(wseq), &tp->write_seq))
-		return ~seq0;
-	return wseq;
+	if (!tp || bpf_core_read(&wseq, sizeof(wseq), &tp->write_seq) || wseq != seq0)
+		return MB_STACK_BYTES;
+	if (!bpf_core_enum_value_exists(enum sock_flags___mb, SOCK_ZEROCOPY___mb))
+		return 0;
+	bit = bpf_core_enum_value(enum sock_flags___mb, SOCK_ZEROCOPY___mb);
+	if (bit >= 64)
+		return 0;
+	if (bpf_core_field_exists(((struct sock___mb *)tp)->__sk_common.skc_flags)) {
+		if (bpf_core_read(&flags, sizeof(flags), &((struct sock___mb *)tp)->__sk_common.skc_flags))
+			return 0;
+	} else if (bpf_core_field_exists(((struct sock___mb *)tp)->sk_flags)) {
+		if (bpf_core_read(&flags, sizeof(flags), &((struct sock___mb *)tp)->sk_flags))
+			return 0;
+	}
+	return (flags >> bit) & 1 ? MB_STACK_ZEROCOPY : 0;
 }
 
 /* Which drain conditions may_resume checks: all of them. Only the tests
@@ -849,9 +881,16 @@ int mb_sk_msg(struct sk_msg_md *msg)
 	}
 	/* ... and bytes can take the stack without sk_msg: a send that began
 	 * before the socket joined the maps finishes on TCP (a blocking
-	 * sendto(MSG_FASTOPEN) waits for the handshake, then writes the rest). */
-	if (write_seq(sk, st->seq0) != st->seq0) {
+	 * sendto(MSG_FASTOPEN) waits for the handshake, then writes the rest).
+	 * And a zerocopy sender needs TCP's completions. */
+	switch (must_take_stack(sk, st->seq0)) {
+	case MB_STACK_BYTES:
 		count(MB_CTR_STACK_BYTES, 1);
+		return pass(st, size);
+	case MB_STACK_ZEROCOPY:
+		/* A MSG_ZEROCOPY sender waits for completions that a redirect
+		 * never produces. */
+		count(MB_CTR_ZEROCOPY, 1);
 		return pass(st, size);
 	}
 

@@ -329,6 +329,7 @@ pub enum Counter {
     StackBytes = header::MB_CTR_STACK_BYTES,
     Admitted = header::MB_CTR_ADMITTED,
     Evicted = header::MB_CTR_EVICTED,
+    Zerocopy = header::MB_CTR_ZEROCOPY,
 }
 
 /// `MB_CTR_MAX`: slots of `struct mb_counters`.
@@ -342,12 +343,12 @@ pub struct CounterBlock {
     pub v: [u64; COUNTER_SLOTS],
 }
 
-const _: () = assert!(size_of::<CounterBlock>() == 128);
+const _: () = assert!(size_of::<CounterBlock>() == 8 * COUNTER_SLOTS);
 // SAFETY: integers only.
 unsafe impl aya::Pod for CounterBlock {}
 
 impl Counter {
-    pub const ALL: [Counter; 16] = [
+    pub const ALL: [Counter; 17] = [
         Self::SocketsTracked,
         Self::PairsPlain,
         Self::PairsNat,
@@ -364,6 +365,7 @@ impl Counter {
         Self::StackBytes,
         Self::Admitted,
         Self::Evicted,
+        Self::Zerocopy,
     ];
 
     /// The name used in `status --json` and in metrics.
@@ -385,6 +387,7 @@ impl Counter {
             Self::StackBytes => "stack_bytes",
             Self::Admitted => "adaptive_admitted",
             Self::Evicted => "adaptive_evicted",
+            Self::Zerocopy => "zerocopy_senders",
         }
     }
 }

@@ -69,7 +69,9 @@ enum mb_counter {
 	MB_CTR_STACK_BYTES = 13,     /* directions sent to the stack: bytes went through TCP unseen (TCP Fast Open) */
 	MB_CTR_ADMITTED = 14,        /* app sockets `adaptive` let into the maps (non-blocking files) */
 	MB_CTR_EVICTED = 15,         /* ... that turned blocking and left the maps */
-	MB_CTR_MAX = 16,
+	MB_CTR_ZEROCOPY = 16,        /* directions sent to the stack: the sender uses SO_ZEROCOPY,
+				      * whose completions only TCP delivers */
+	MB_CTR_MAX = 24,
 };
 
 /* All counters of one CPU: one lookup per message updates several. */

@@ -570,8 +570,7 @@ fn step(socks: &mut HashMap<String, Sock>, w: &[&str]) -> anyhow::Result<String>
         }
         ["rcvlowat", name, n] => {
             let s = stream(socks, name)?;
-            set_int(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVLOWAT, n.parse()?)
-                .context("SO_RCVLOWAT")?;
+            set_int(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVLOWAT, n.parse()?).context("SO_RCVLOWAT")?;
             Ok("ok".into())
         }
         ["repair_seqs", name] => {
@@ -700,8 +699,7 @@ fn step(socks: &mut HashMap<String, Sock>, w: &[&str]) -> anyhow::Result<String>
         }
         ["peek_off", name, v] => {
             let s = stream(socks, name)?;
-            set_int(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_PEEK_OFF, v.parse()?)
-                .context("SO_PEEK_OFF")?;
+            set_int(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_PEEK_OFF, v.parse()?).context("SO_PEEK_OFF")?;
             Ok("ok".into())
         }
         ["write_with", name, how, text, n] => {

@@ -243,13 +243,51 @@ static __always_inline __u32 unread_redirected(struct bpf_sock *bsk)
 const volatile __u32 mb_adaptive_checks = MB_ADAPTIVE_CONNECTED | MB_ADAPTIVE_LISTENER |
 					  MB_ADAPTIVE_SEND | MB_ADAPTIVE_DRAINED;
 
+/* The most sockets of one pod the maps hold (set at load; a quarter of the
+ * socket maps by default): one pod cannot fill the node's maps. */
+const volatile __u32 mb_pod_socket_budget = 16384;
+
+/* Counts the socket against its pod's budget; 0 when the pod is at it (the
+ * check and the add are not one atomic step: concurrent establishments can
+ * pass the budget by at most one per CPU). */
+static __always_inline int reserve(struct mb_sk_state *st)
+{
+	struct mb_pod_sockets *u = bpf_map_lookup_elem(&mb_pod_sockets, &st->self.netns);
+
+	if (!u)
+		return 1; /* registered without a count: no budget to keep */
+	if (u->count >= mb_pod_socket_budget) {
+		count(MB_CTR_BUDGET, 1);
+		return 0;
+	}
+	__sync_fetch_and_add(&u->count, 1);
+	st->flags |= MB_SK_COUNTED;
+	return 1;
+}
+
+static __always_inline void release(struct mb_sk_state *st)
+{
+	struct mb_pod_sockets *u;
+
+	if (!(st->flags & MB_SK_COUNTED))
+		return;
+	st->flags &= ~MB_SK_COUNTED;
+	u = bpf_map_lookup_elem(&mb_pod_sockets, &st->self.netns);
+	if (u)
+		__sync_fetch_and_add(&u->count, -1);
+}
+
 /* Membership: rx first, then tx (a socket may sit in both; rx carries no
- * program). Returns 0 when a map is full; the socket is then in neither. */
+ * program). Returns 0 when a map is full or the pod at its budget; the
+ * socket is then in neither. */
 static __always_inline int join_maps(struct bpf_sock_ops *skops, struct mb_sk_state *st, __u32 rx, __u32 tx)
 {
+	if (!reserve(st))
+		return 0;
 	if (rx) {
 		if (bpf_sock_hash_update(skops, &mb_rx, &st->self, BPF_ANY)) {
 			count(MB_CTR_MAP_FULL, 1);
+			release(st);
 			return 0;
 		}
 		st->flags |= MB_SK_IN_RX;
@@ -259,6 +297,7 @@ static __always_inline int join_maps(struct bpf_sock_ops *skops, struct mb_sk_st
 		if (rx)
 			bpf_map_delete_elem(&mb_rx, &st->self);
 		st->flags &= ~MB_SK_IN_RX;
+		release(st);
 		return 0;
 	}
 	return 1;
@@ -269,6 +308,7 @@ static __always_inline void leave_maps(struct mb_sk_state *st)
 	bpf_map_delete_elem(&mb_tx, &st->self);
 	bpf_map_delete_elem(&mb_rx, &st->self);
 	st->flags &= ~MB_SK_IN_RX;
+	release(st);
 }
 
 /* mb_pairs[from] = to, only if `from` has no entry yet. 0 on success. */
@@ -613,6 +653,7 @@ static __always_inline void on_close(struct bpf_sock_ops *skops)
 	}
 	bpf_map_delete_elem(&mb_pairs, &st->self);
 	st->flags &= ~(MB_SK_TRACKED | MB_SK_EP_OWNER);
+	release(st);
 	/* The kernel removes the socket from mb_tx and mb_rx itself. */
 }
 
@@ -673,6 +714,7 @@ static __always_inline void on_packet(struct bpf_sock_ops *skops)
 		return;
 	bpf_map_delete_elem(&mb_tx, &st->self);
 	st->flags &= ~(MB_SK_EVICT | MB_SK_ADAPTIVE);
+	release(st);
 	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags & ~BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG);
 	count(MB_CTR_EVICTED, 1);
 }

@@ -159,6 +159,14 @@ pub struct Pod {
     pub pad: u16,
 }
 
+/// `struct mb_pod_sockets`: how many of a pod's sockets are tracked.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodSockets {
+    pub count: u32,
+    pub pad: u32,
+}
+
 /// `struct mb_port_key`: a listening port of a pod (`adaptive`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -232,6 +240,7 @@ unsafe impl aya::Pod for Pair {}
 unsafe impl aya::Pod for Pod {}
 unsafe impl aya::Pod for Config {}
 unsafe impl aya::Pod for PortKey {}
+unsafe impl aya::Pod for PodSockets {}
 unsafe impl aya::Pod for Port {}
 
 /// Acceleration mode of a pod (`MB_MODE_*`): how much of its traffic the
@@ -330,6 +339,7 @@ pub enum Counter {
     Admitted = header::MB_CTR_ADMITTED,
     Evicted = header::MB_CTR_EVICTED,
     Zerocopy = header::MB_CTR_ZEROCOPY,
+    BudgetExceeded = header::MB_CTR_BUDGET,
 }
 
 /// `MB_CTR_MAX`: slots of `struct mb_counters`.
@@ -348,7 +358,7 @@ const _: () = assert!(size_of::<CounterBlock>() == 8 * COUNTER_SLOTS);
 unsafe impl aya::Pod for CounterBlock {}
 
 impl Counter {
-    pub const ALL: [Counter; 17] = [
+    pub const ALL: [Counter; 18] = [
         Self::SocketsTracked,
         Self::PairsPlain,
         Self::PairsNat,
@@ -366,6 +376,7 @@ impl Counter {
         Self::Admitted,
         Self::Evicted,
         Self::Zerocopy,
+        Self::BudgetExceeded,
     ];
 
     /// The name used in `status --json` and in metrics.
@@ -388,6 +399,7 @@ impl Counter {
             Self::Admitted => "adaptive_admitted",
             Self::Evicted => "adaptive_evicted",
             Self::Zerocopy => "zerocopy_senders",
+            Self::BudgetExceeded => "budget_exceeded",
         }
     }
 }

@@ -10,7 +10,10 @@ use object::{Object, ObjectSection};
 
 use crate::{
     OBJECT,
-    abi::{Addr, Config, CounterBlock, Endpoint, EndpointKey, Pair, Pod, Port, PortKey, SkState, SockKey},
+    abi::{
+        Addr, Config, CounterBlock, Endpoint, EndpointKey, Pair, Pod, PodSockets, Port, PortKey, SkState,
+        SockKey,
+    },
 };
 
 /// A struct's layout: its size and, in order, (member, byte offset, size).
@@ -53,6 +56,7 @@ fn mirrors() -> Vec<(&'static str, &'static str, Layout)> {
         mirror!(Pod = "mb_pod" { netns, proxy_uid, proxy_gid, outbound_port, inbound_port, mode, flags, pad }),
         mirror!(PortKey = "mb_port_key" { netns, port, pad0, pad1 }),
         mirror!(Port = "mb_port" { flags, pad }),
+        mirror!(PodSockets = "mb_pod_sockets" { count, pad }),
         mirror!(Config = "mb_config" { layout_version, kernel_flags, probed_at, object_hash }),
         mirror!(SkState = "mb_sk_state" { self_key => "self", peer, ep, uid, gid, flags, seq0, target }),
         mirror!(CounterBlock = "mb_counters" { v }),

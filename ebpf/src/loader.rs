@@ -34,6 +34,7 @@ use crate::{
 /// `MB_ADAPTIVE_*` bits.
 const DRAIN_CHECKS_GLOBAL: &str = "mb_drain_checks";
 const ADAPTIVE_CHECKS_GLOBAL: &str = "mb_adaptive_checks";
+const POD_SOCKET_BUDGET_GLOBAL: &str = "mb_pod_socket_budget";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -107,13 +108,36 @@ pub struct LoadOptions {
     pub drain_checks: u32,
     /// `MB_ADAPTIVE_*`: the guards of `adaptive`.
     pub adaptive_checks: u32,
+    /// How many sockets the node's socket maps hold (`mb_tx`, `mb_rx`,
+    /// `mb_endpoints`; `mb_pairs` twice that). Applies when the maps are
+    /// created; an existing node keeps its maps (`unload` to resize).
+    pub socket_capacity: u32,
+    /// How many of them one pod may use; its further sockets stay on TCP
+    /// (`budget_exceeded`).
+    pub pod_socket_budget: u32,
 }
+
+/// The socket maps' size when nothing says otherwise.
+pub const DEFAULT_SOCKET_CAPACITY: u32 = 65_536;
 
 impl Default for LoadOptions {
     fn default() -> Self {
         Self {
             drain_checks: DRAIN_SENDER_ACKED | DRAIN_RECEIVER_READ,
             adaptive_checks: ADAPTIVE_CONNECTED | ADAPTIVE_LISTENER | ADAPTIVE_SEND | ADAPTIVE_DRAINED,
+            socket_capacity: DEFAULT_SOCKET_CAPACITY,
+            pod_socket_budget: DEFAULT_SOCKET_CAPACITY / 4,
+        }
+    }
+}
+
+impl LoadOptions {
+    /// Maps of `capacity` sockets, a quarter of them per pod at most.
+    pub fn with_capacity(capacity: u32) -> Self {
+        Self {
+            socket_capacity: capacity,
+            pod_socket_budget: capacity / 4,
+            ..Self::default()
         }
     }
 }
@@ -225,10 +249,16 @@ enum Pin {
 /// Loads both programs from the embedded object (its maps are the pinned
 /// ones, created when absent) and pins them where `pin` says.
 fn load_programs(pins: &Pins, pin: Pin, options: &LoadOptions) -> Result<(), LoadError> {
+    let cap = options.socket_capacity.max(1);
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(pins.root())
+        .map_max_entries(pins::MAP_SENDERS, cap)
+        .map_max_entries(pins::MAP_TARGETS, cap)
+        .map_max_entries(pins::MAP_ENDPOINTS, cap)
+        .map_max_entries(pins::MAP_PAIRS, cap.saturating_mul(2))
         .override_global(DRAIN_CHECKS_GLOBAL, &options.drain_checks, true)
         .override_global(ADAPTIVE_CHECKS_GLOBAL, &options.adaptive_checks, true)
+        .override_global(POD_SOCKET_BUDGET_GLOBAL, &options.pod_socket_budget, true)
         .load(OBJECT)
         .map_err(|e| LoadError::Ebpf(Box::new(e)))?;
     for name in pins::PROGS {

@@ -10,7 +10,8 @@ use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, SockHash};
 
 use crate::{
     abi::{
-        Addr, Config, CounterBlock, Endpoint, EndpointKey, LAYOUT_VERSION, Pair, Pod, Port, PortKey, SockKey,
+        Addr, Config, CounterBlock, Endpoint, EndpointKey, LAYOUT_VERSION, Pair, Pod, PodSockets, Port,
+        PortKey, SockKey,
     },
     pins::{self, Pins},
     sys::SyscallError,
@@ -56,6 +57,7 @@ pub struct NodeMaps {
     pub(crate) pairs: HashMap<MapData, SockKey, Pair>,
     pub(crate) endpoints: HashMap<MapData, EndpointKey, Endpoint>,
     pub(crate) ports: HashMap<MapData, PortKey, Port>,
+    pub(crate) pod_sockets: HashMap<MapData, u64, PodSockets>,
     pub(crate) config: Array<MapData, Config>,
     pub(crate) counters: PerCpuArray<MapData, CounterBlock>,
     /// `mb_tx`: sockets whose sends may be redirected.
@@ -144,6 +146,7 @@ impl NodeMaps {
             pairs: open_map(pins, pins::MAP_PAIRS)?,
             endpoints: open_map(pins, pins::MAP_ENDPOINTS)?,
             ports: open_map(pins, pins::MAP_PORTS)?,
+            pod_sockets: open_map(pins, pins::MAP_POD_SOCKETS)?,
             config: open_map(pins, pins::MAP_CONFIG)?,
             counters: open_map(pins, pins::MAP_COUNTERS)?,
             senders: open_map(pins, pins::MAP_SENDERS)?,

@@ -23,6 +23,8 @@ pub const MAP_NETNS: &str = "mb_netns";
 pub const MAP_CONFIG: &str = "mb_config";
 /// (netns, listening port) -> what `adaptive` knows of the sockets accepted there.
 pub const MAP_PORTS: &str = "mb_ports";
+/// netns cookie -> how many of the pod's sockets are tracked (its budget).
+pub const MAP_POD_SOCKETS: &str = "mb_pod_sockets";
 /// Per-CPU counters.
 pub const MAP_COUNTERS: &str = "mb_counters";
 /// Per-socket state (socket local storage).
@@ -30,7 +32,7 @@ pub const MAP_SK_STATE: &str = "mb_sk_state";
 
 /// Every map, pinned by name by the loader (`LIBBPF_PIN_BY_NAME`: the
 /// name is the C variable's, see `bpf/include/meshbypass_maps.h`).
-pub const MAPS: [&str; 10] = [
+pub const MAPS: [&str; 11] = [
     MAP_SENDERS,
     MAP_TARGETS,
     MAP_PAIRS,
@@ -41,6 +43,7 @@ pub const MAPS: [&str; 10] = [
     MAP_COUNTERS,
     MAP_SK_STATE,
     MAP_PORTS,
+    MAP_POD_SOCKETS,
 ];
 
 /// Program names in the ELF object, pinned under `progs/`.

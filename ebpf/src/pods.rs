@@ -4,6 +4,8 @@
 
 use std::net::IpAddr;
 
+use crate::abi::PodSockets;
+
 use aya::maps::MapError;
 
 use crate::{
@@ -138,6 +140,22 @@ impl NodeMaps {
                     source,
                 })?;
         }
+        // The socket count starts at zero once; a re-registration (a new
+        // mode, a retried ADD) keeps the sockets it already counts.
+        match self.pod_sockets.insert(
+            pod.netns_cookie,
+            PodSockets::default(),
+            u64::from(aya_obj::generated::BPF_NOEXIST),
+        ) {
+            Ok(()) => {}
+            Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(source) => {
+                return Err(PodError::Write {
+                    what: format!("socket count of netns {}", pod.netns_cookie),
+                    source,
+                });
+            }
+        }
         self.netns
             .insert(pod.netns_cookie, value, 0)
             .map_err(|source| PodError::Write {
@@ -173,12 +191,20 @@ impl NodeMaps {
             |k, _| k.netns == netns_cookie,
             |k| format!("port {}", k.port),
         )?;
+        remove_keys(&mut self.pod_sockets, [netns_cookie], |c| {
+            format!("socket count of netns {c}")
+        })?;
         Ok(Removed {
             netns,
             ips,
             pairs,
             endpoints,
         })
+    }
+
+    /// How many of the pod's sockets are tracked (its socket budget's use).
+    pub fn tracked_sockets(&self, netns_cookie: u64) -> Option<u32> {
+        self.pod_sockets.get(&netns_cookie, 0).ok().map(|u| u.count)
     }
 
     /// The pod registered for a netns, if any.

@@ -71,6 +71,7 @@ enum mb_counter {
 	MB_CTR_EVICTED = 15,         /* ... that turned blocking and left the maps */
 	MB_CTR_ZEROCOPY = 16,        /* directions sent to the stack: the sender uses SO_ZEROCOPY,
 				      * whose completions only TCP delivers */
+	MB_CTR_BUDGET = 17,          /* sockets left on the stack: their pod was at its socket budget */
 	MB_CTR_MAX = 24,
 };
 
@@ -177,6 +178,7 @@ struct mb_config {
 #define MB_SK_ADAPTIVE (1u << 9)   /* an app socket `adaptive` admitted: its sends check its file */
 #define MB_SK_EVICT (1u << 10)     /* ... and its file turned blocking: it leaves the maps */
 #define MB_SK_PASSIVE (1u << 11)   /* it was accepted (else it connected) */
+#define MB_SK_COUNTED (1u << 12)   /* it counts against its pod's socket budget */
 
 /* Per-socket state (socket local storage). */
 struct mb_sk_state {
@@ -188,6 +190,14 @@ struct mb_sk_state {
 	__u32 flags; /* MB_SK_* */
 	__u32 seq0;  /* write_seq while no byte of this socket went through TCP */
 	__u64 target; /* kernel address of the peer socket, kept while MB_SK_RESUMABLE */
+};
+
+/* How many of a pod's sockets are tracked: one pod may use at most
+ * mb_pod_socket_budget of the node-wide maps (its further sockets stay on
+ * the stack). Value of mb_pod_sockets, by netns cookie. */
+struct mb_pod_sockets {
+	__u32 count;
+	__u32 pad;
 };
 
 /* A listening port of a pod, as `adaptive` judges the sockets accepted on
@@ -273,6 +283,17 @@ struct {
 	__type(value, struct mb_pod);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } mb_netns SEC(".maps");
+
+/* netns cookie -> the pod's tracked sockets. Created by the plugin (ADD,
+ * without resetting a count), counted by sockops (establishment, close),
+ * removed with the pod (DEL). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u64);
+	__type(value, struct mb_pod_sockets);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mb_pod_sockets SEC(".maps");
 
 /* (netns, port) -> what `adaptive` knows of the sockets accepted there.
  * Written by sockops at listen() and by sk_msg when an admitted accepted

@@ -36,6 +36,7 @@ fn the_demo_runs_clean() {
         "no mesh",
         "sidecar",
         "sidecar + bypass(auto)",
+        "sidecar + bypass(adaptive)",
         "sidecar + bypass(all)",
     ] {
         let row = stdout
@@ -51,5 +52,24 @@ fn the_demo_runs_clean() {
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0);
     assert!(redirected > 0, "nothing was redirected:\n{stdout}");
+    // Each bypass run's own line: "N req/s, p50 P us, R msgs redirected, S
+    // passed to the stack". Requests cross at least one redirected leg
+    // each way, and almost nothing of a paired direction takes the stack.
+    let runs: Vec<(u64, u64)> = stdout
+        .lines()
+        .filter_map(|l| {
+            let (_, rest) = l.split_once(" us, ")?;
+            let (r, rest) = rest.split_once(" msgs redirected, ")?;
+            let (p, _) = rest.split_once(" passed")?;
+            Some((r.trim().parse().ok()?, p.trim().parse().ok()?))
+        })
+        .collect();
+    assert_eq!(runs.len(), 5, "one line per mode:\n{stdout}");
+    for (mode, (r, p)) in ["auto", "adaptive", "all"].iter().zip(&runs[2..]) {
+        assert!(
+            *r >= 1000 && *r >= 20 * *p,
+            "bypass({mode}): {r} messages redirected, {p} to the stack:\n{stdout}"
+        );
+    }
     assert_eq!(leftovers(), before, "the demo left things behind");
 }

@@ -46,6 +46,7 @@ fn main() -> anyhow::Result<()> {
         mesh::NO_MESH,
         mesh::SIDECAR,
         mesh::SIDECAR_AUTO,
+        mesh::SIDECAR_ADAPTIVE,
         mesh::SIDECAR_ALL,
     ];
     let load = Load::keepalive(16, "1k");

@@ -22,7 +22,7 @@
 use std::{
     net::TcpListener,
     os::fd::AsFd,
-    path::{Path, PathBuf},
+    path::Path,
     sync::{Arc, Mutex, atomic::Ordering},
     time::{Duration, Instant},
 };
@@ -43,6 +43,7 @@ use nix::{
 use serde_json::Value;
 
 use crate::{
+    cli::RunOptions,
     confdir::Chained,
     gc,
     http::{self, Handler, Response, Route},
@@ -65,35 +66,9 @@ const SETTLE_MAX: Duration = Duration::from_millis(250);
 /// deleted (the manifest's grace period is 30 s).
 const REMOVAL_BUDGET: Duration = Duration::from_secs(5);
 
-/// Everything `run` is told on the command line.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RunOptions {
-    pub bpf_root: PathBuf,
-    pub cni_bin_dir: PathBuf,
-    pub cni_conf_dir: PathBuf,
-    pub plugin_binary: Option<PathBuf>,
-    pub plugin_config: Option<PathBuf>,
-    pub listen: String,
-    pub state_dir: PathBuf,
-    pub gc_interval: Duration,
-    pub cleanup: bool,
-    pub selftest: bool,
-    pub kubeconfig_out: PathBuf,
-    pub token_file: PathBuf,
-    pub ca_file: PathBuf,
-    /// Our DaemonSet's name (its namespace is the service account's).
-    pub daemonset: String,
-}
-
 type SharedNode = Arc<Mutex<Option<Node>>>;
 
-/// The plugin binary shipped beside this executable (the image has both).
-pub fn default_plugin_binary() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe().context("locating this executable")?;
-    Ok(exe.with_file_name(crate::conflist::PLUGIN_TYPE))
-}
-
-pub fn run(opts: &RunOptions) -> anyhow::Result<()> {
+pub fn run(root: &Path, opts: &RunOptions) -> anyhow::Result<()> {
     let mut mask = SigSet::empty();
     mask.add(Signal::SIGTERM);
     mask.add(Signal::SIGINT);
@@ -109,11 +84,11 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<()> {
     http::spawn(listener, handler(stats.clone(), node.clone())).context("starting the HTTP server")?;
     log::info!("serving /readyz and /metrics on {addr}");
 
-    load(opts, &node, &stats);
+    load(root, opts, &node, &stats);
 
-    let plugin_binary = match &opts.plugin_binary {
+    let plugin_binary = match &opts.paths.plugin_binary {
         Some(p) => p.clone(),
-        None => default_plugin_binary()?,
+        None => installer::default_plugin_binary().context("locating this executable")?,
     };
     let kube = kube_setup(opts);
     let daemonset = kube.as_ref().and_then(|k| {
@@ -129,17 +104,18 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<()> {
             name: opts.daemonset.clone(),
         })
     });
-    let mut watched = vec![opts.cni_conf_dir.clone(), opts.cni_bin_dir.clone()];
+    let dirs = &opts.paths.dirs;
+    let mut watched = vec![dirs.cni_conf_dir.clone(), dirs.cni_bin_dir.clone()];
     if let Some(k) = &kube {
         log::info!("in a cluster: the plugin kubeconfig goes to {}", k.out.display());
         watched.extend(k.account.token_file.parent().map(Path::to_path_buf));
     }
-    if let Some(settings) = &opts.plugin_config {
+    if let Some(settings) = &opts.paths.plugin_config {
         watched.extend(settings.parent().map(Path::to_path_buf));
     }
     let mut installer = Installer::new(
-        &opts.cni_bin_dir,
-        &opts.cni_conf_dir,
+        &dirs.cni_bin_dir,
+        &dirs.cni_conf_dir,
         &plugin_binary,
         None,
         kube,
@@ -147,7 +123,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<()> {
     )?;
     let watcher = Watcher::new(watched)?;
 
-    let outcome = serve(opts, &mut installer, &watcher, &signals, &node, &stats);
+    let outcome = serve(root, opts, &mut installer, &watcher, &signals, &node, &stats);
     stats.installed.store(false, Ordering::Relaxed);
     let signal = outcome?;
     match removal::verdict(installer.kube(), daemonset.as_ref(), REMOVAL_BUDGET) {
@@ -164,8 +140,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<()> {
     if opts.cleanup {
         drop(node.lock().unwrap_or_else(|p| p.into_inner()).take());
         stats.loaded.store(false, Ordering::Relaxed);
-        let report = loader::unload(&opts.bpf_root)
-            .with_context(|| format!("unloading {}", opts.bpf_root.display()))?;
+        let report = loader::unload(root).with_context(|| format!("unloading {}", root.display()))?;
         log::info!(
             "--cleanup: removed {} pins and {} pod links",
             report.pins,
@@ -191,10 +166,10 @@ fn load_reason(e: &LoadError) -> &'static str {
 
 /// Loads or adopts the node's maps; on failure records why (the plugin is
 /// installed all the same). Returns whether the maps are loaded.
-fn load(opts: &RunOptions, node: &SharedNode, stats: &Stats) -> bool {
-    let mut loaded = match loader::load(&opts.bpf_root) {
+fn load(root: &Path, opts: &RunOptions, node: &SharedNode, stats: &Stats) -> bool {
+    let mut loaded = match loader::load(root) {
         Ok((loaded, outcome)) => {
-            log::info!("bpf root {}: {outcome:?}", opts.bpf_root.display());
+            log::info!("bpf root {}: {outcome:?}", root.display());
             loaded
         }
         Err(e) => {
@@ -202,8 +177,8 @@ fn load(opts: &RunOptions, node: &SharedNode, stats: &Stats) -> bool {
             let message = format!(
                 "the node's maps cannot be loaded at {}: {}; the plugin is installed anyway \
                  (pods get their redirect, not the bypass); retrying every {} s",
-                opts.bpf_root.display(),
-                crate::cmd::chain(&e),
+                root.display(),
+                crate::errors::chain(&e),
                 LOAD_RETRY.as_secs()
             );
             // Said once per distinct error, not at every retry.
@@ -218,26 +193,27 @@ fn load(opts: &RunOptions, node: &SharedNode, stats: &Stats) -> bool {
         }
     };
     match loaded.config() {
-        Ok(cfg) if opts.selftest && cfg.kernel_flags & KERNEL_PROBED == 0 => match crate::cmd::run_selftest()
-        {
-            Ok(report) => match loaded.record_verdict(&report) {
-                Ok(()) => log::info!(
-                    "selftest: safe_all={} safe_member={}",
-                    report.safe_all,
-                    report.safe_member
-                ),
-                Err(e) => log::warn!("cannot record the selftest verdict: {e}"),
-            },
-            // `auto` stays proxy-only without a verdict: the safe side.
-            Err(e) => log::warn!("selftest: {e:#}; `auto` means proxy-only until it passes"),
-        },
+        Ok(cfg) if opts.selftest.wanted() && cfg.kernel_flags & KERNEL_PROBED == 0 => {
+            match crate::kernel::run_selftest() {
+                Ok(report) => match loaded.record_verdict(&report) {
+                    Ok(()) => log::info!(
+                        "selftest: safe_all={} safe_member={}",
+                        report.safe_all,
+                        report.safe_member
+                    ),
+                    Err(e) => log::warn!("cannot record the selftest verdict: {e}"),
+                },
+                // `auto` stays proxy-only without a verdict: the safe side.
+                Err(e) => log::warn!("selftest: {e:#}; `auto` means proxy-only until it passes"),
+            }
+        }
         Ok(_) => {}
         Err(e) => log::warn!("cannot read mb_config: {e}"),
     }
     if stats.load_problem().is_some() {
         log::info!(
             "the node's maps are loaded at {} now: the bypass is on",
-            opts.bpf_root.display()
+            root.display()
         );
     }
     *node.lock().unwrap_or_else(|p| p.into_inner()) = Some(loaded);
@@ -259,12 +235,8 @@ fn kube_setup(opts: &RunOptions) -> Option<KubeSetup> {
     })
 }
 
-fn settings_entry(opts: &RunOptions) -> Result<Value, InstallError> {
-    installer::entry(
-        opts.plugin_config.as_deref(),
-        &opts.bpf_root,
-        Some(&opts.state_dir),
-    )
+fn settings_entry(root: &Path, opts: &RunOptions) -> Result<Value, InstallError> {
+    installer::entry(opts.paths.plugin_config.as_deref(), root, Some(&opts.state_dir))
 }
 
 /// The probes answer at once (no lock but the small ones of [`Stats`]); a
@@ -293,6 +265,7 @@ fn handler(stats: Arc<Stats>, node: SharedNode) -> Handler {
 
 /// The loop; returns the signal that ended it.
 fn serve(
+    root: &Path,
     opts: &RunOptions,
     installer: &mut Installer,
     watcher: &Watcher,
@@ -309,13 +282,13 @@ fn serve(
         if dirty {
             dirty = false;
             retry_at = None;
-            if !reconcile(opts, installer, watcher, stats, &mut waiting_logged) {
+            if !reconcile(root, opts, installer, watcher, stats, &mut waiting_logged) {
                 retry_at = Some(Instant::now() + RETRY);
             }
         }
         let now = Instant::now();
         if !stats.loaded.load(Ordering::Relaxed) && now >= next_load {
-            load(opts, node, stats);
+            load(root, opts, node, stats);
             next_load = Instant::now() + LOAD_RETRY;
             continue;
         }
@@ -381,8 +354,8 @@ fn settle(signals: &SignalFd, watcher: &Watcher) -> anyhow::Result<()> {
 
 /// Reads the settings through the plugin's parser; a refused file keeps the
 /// entry we have (or, at startup, the one an earlier run chained).
-fn update_settings(opts: &RunOptions, installer: &mut Installer, stats: &Stats) {
-    let err = match settings_entry(opts) {
+fn update_settings(root: &Path, opts: &RunOptions, installer: &mut Installer, stats: &Stats) {
+    let err = match settings_entry(root, opts) {
         Ok(entry) => {
             if let Some(p) = stats.settings_problem() {
                 log::info!("the plugin settings are valid again (were: {})", p.reason);
@@ -400,7 +373,7 @@ fn update_settings(opts: &RunOptions, installer: &mut Installer, stats: &Stats) 
                 installer.set_entry(entry);
             }
             Ok(None) => {}
-            Err(e) => log::warn!("reading our chained entry: {}", crate::cmd::chain(&e)),
+            Err(e) => log::warn!("reading our chained entry: {}", crate::errors::chain(&e)),
         }
     }
     let keeping = if installer.has_entry() {
@@ -408,7 +381,7 @@ fn update_settings(opts: &RunOptions, installer: &mut Installer, stats: &Stats) 
     } else {
         "nothing is chained until they are valid"
     };
-    let message = format!("{}; {keeping}", crate::cmd::chain(&err));
+    let message = format!("{}; {keeping}", crate::errors::chain(&err));
     if stats.settings_problem().is_none_or(|p| p.message != message) {
         stats.settings_rejections.fetch_add(1, Ordering::Relaxed);
         log::error!("{message}");
@@ -421,13 +394,14 @@ fn update_settings(opts: &RunOptions, installer: &mut Installer, stats: &Stats) 
 
 /// One pass; `false` when it failed (retried after [`RETRY`]).
 fn reconcile(
+    root: &Path,
     opts: &RunOptions,
     installer: &mut Installer,
     watcher: &Watcher,
     stats: &Stats,
     waiting_logged: &mut bool,
 ) -> bool {
-    update_settings(opts, installer, stats);
+    update_settings(root, opts, installer, stats);
     let result = installer.reconcile();
     // The dirs exist now (reconcile makes them): watch them.
     watcher.ensure();
@@ -456,7 +430,7 @@ fn reconcile(
         Err(e) => {
             stats.installed.store(installer.is_installed(), Ordering::Relaxed);
             stats.reconcile_errors.fetch_add(1, Ordering::Relaxed);
-            log::warn!("{}", crate::cmd::chain(&e));
+            log::warn!("{}", crate::errors::chain(&e));
             false
         }
     }
@@ -478,7 +452,7 @@ fn collect_garbage(state_dir: &Path, node: &SharedNode, stats: &Stats) {
         }
         Err(e) => {
             stats.gc_errors.fetch_add(1, Ordering::Relaxed);
-            log::warn!("{}", crate::cmd::chain(&e));
+            log::warn!("{}", crate::errors::chain(&e));
         }
     }
 }

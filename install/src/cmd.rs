@@ -1,6 +1,6 @@
 //! The subcommands.
 
-use std::{path::Path, process::ExitCode, sync::Arc, time::Duration};
+use std::{path::Path, process::ExitCode, sync::Arc};
 
 use anyhow::Context;
 use meshbypass_ebpf::{
@@ -13,21 +13,20 @@ use serde_json::json;
 
 use crate::{
     agent,
-    cli::{Cli, Command, HostPaths},
+    cli::{Cli, CniDirs, Command, HostPaths},
     confdir::{Chained, ConfDir},
     installer::{self, Installer},
+    kernel::run_selftest,
     metrics::Stats,
 };
-
-const SELFTEST_TIMEOUT: Duration = Duration::from_secs(20);
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let root = cli.bpf_root.as_path();
     match cli.command {
-        Command::Load { selftest } => load(root, selftest, cli.json),
-        Command::Unload => {
+        Command::Load { selftest, output } => load(root, selftest.wanted(), output.json),
+        Command::Unload { output } => {
             let report = loader::unload(root).with_context(|| format!("unloading {}", root.display()))?;
-            if cli.json {
+            if output.json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {
                 println!(
@@ -39,14 +38,14 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Status => status(root, cli.json),
-        Command::Install { paths, selftest } => install(root, &paths, selftest),
-        Command::Uninstall { paths, cleanup } => uninstall(root, &paths, cleanup),
+        Command::Status { output, state_dir } => status(root, &state_dir, output.json),
+        Command::Install { paths, selftest } => install(root, &paths, selftest.wanted()),
+        Command::Uninstall { dirs, cleanup } => uninstall(root, &dirs, cleanup),
         Command::Run(opts) => {
-            agent::run(&opts)?;
+            agent::run(root, &opts)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Selftest => {
+        Command::Selftest { output } => {
             let report = run_selftest()?;
             // Record the verdict when the node is loaded here.
             match Node::open(root) {
@@ -56,7 +55,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Err(OpenError::NotLoaded { .. }) => {}
                 Err(e) => return Err(e).context("opening the node's maps"),
             }
-            if cli.json {
+            if output.json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 print_selftest(&report);
@@ -72,28 +71,17 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// An error and its sources on one line (for log lines outside anyhow).
-pub(crate) fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        cur = s.source();
-    }
-    out
-}
-
 /// `install`: check the settings, load (with the selftest once), copy the
 /// plugin, chain it. A failed load is a warning: the plugin is installed
 /// anyway (pods get their redirect; the bypass waits for the maps).
 fn install(root: &Path, paths: &HostPaths, run_probe: bool) -> anyhow::Result<ExitCode> {
-    let conf = ConfDir::new(&paths.cni_conf_dir);
+    let dirs = &paths.dirs;
+    let conf = ConfDir::new(&dirs.cni_conf_dir);
     if conf.primary()?.is_none() {
         anyhow::bail!(
             "no CNI network config (*.conflist, *.conf, *.json) in {}: install the primary CNI first \
              (for a plain host, conflist/bridge.conflist is an example)",
-            paths.cni_conf_dir.display()
+            dirs.cni_conf_dir.display()
         );
     }
     let entry = installer::entry(paths.plugin_config.as_deref(), root, None)?;
@@ -105,11 +93,11 @@ fn install(root: &Path, paths: &HostPaths, run_probe: bool) -> anyhow::Result<Ex
     }
     let binary = match &paths.plugin_binary {
         Some(p) => p.clone(),
-        None => agent::default_plugin_binary()?,
+        None => installer::default_plugin_binary().context("locating this executable")?,
     };
     let mut inst = Installer::new(
-        &paths.cni_bin_dir,
-        &paths.cni_conf_dir,
+        &dirs.cni_bin_dir,
+        &dirs.cni_conf_dir,
         &binary,
         Some(entry),
         None,
@@ -129,25 +117,25 @@ fn install(root: &Path, paths: &HostPaths, run_probe: bool) -> anyhow::Result<Ex
         Chained::NoSettings => anyhow::bail!("no plugin settings to chain"),
         Chained::NoPrimary => anyhow::bail!(
             "the CNI network config in {} disappeared while installing",
-            paths.cni_conf_dir.display()
+            dirs.cni_conf_dir.display()
         ),
         Chained::Unchanged { file } => {
-            println!("already chained into {}", paths.cni_conf_dir.join(file).display())
+            println!("already chained into {}", dirs.cni_conf_dir.join(file).display())
         }
-        Chained::Written { file } => println!("chained into {}", paths.cni_conf_dir.join(file).display()),
+        Chained::Written { file } => println!("chained into {}", dirs.cni_conf_dir.join(file).display()),
     }
     Ok(ExitCode::SUCCESS)
 }
 
 /// `uninstall`: our conflist entries first, then the binary; `--cleanup`
 /// also unloads the maps and pod links.
-fn uninstall(root: &Path, paths: &HostPaths, cleanup: bool) -> anyhow::Result<ExitCode> {
-    let removed = installer::uninstall(&paths.cni_conf_dir, &paths.cni_bin_dir, None)?;
+fn uninstall(root: &Path, dirs: &CniDirs, cleanup: bool) -> anyhow::Result<ExitCode> {
+    let removed = installer::uninstall(&dirs.cni_conf_dir, &dirs.cni_bin_dir, None)?;
     if removed.is_empty() {
         println!(
             "nothing to remove in {} or {}",
-            paths.cni_conf_dir.display(),
-            paths.cni_bin_dir.display()
+            dirs.cni_conf_dir.display(),
+            dirs.cni_bin_dir.display()
         );
     }
     for path in &removed {
@@ -163,11 +151,6 @@ fn uninstall(root: &Path, paths: &HostPaths, cleanup: bool) -> anyhow::Result<Ex
         );
     }
     Ok(ExitCode::SUCCESS)
-}
-
-pub(crate) fn run_selftest() -> anyhow::Result<selftest::Report> {
-    let exe = std::env::current_exe().context("locating this binary for the probe process")?;
-    selftest::run(&exe, SELFTEST_TIMEOUT).context("running the kernel selftest")
 }
 
 fn load(root: &Path, run_probe: bool, json_out: bool) -> anyhow::Result<ExitCode> {
@@ -232,7 +215,7 @@ fn print_selftest(r: &selftest::Report) {
     );
 }
 
-fn status(root: &Path, json_out: bool) -> anyhow::Result<ExitCode> {
+fn status(root: &Path, _state_dir: &Path, json_out: bool) -> anyhow::Result<ExitCode> {
     let kernel = selftest::kernel_release();
     let node = match Node::open(root) {
         Ok(node) => node,

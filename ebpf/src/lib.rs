@@ -14,6 +14,7 @@ pub mod pins;
 pub mod pods;
 pub mod selftest;
 mod sys;
+pub mod usage;
 
 pub use abi::{Counter, Mode};
 pub use loader::{LoadOptions, LoadOutcome, Node, load, load_with, unload};

@@ -2,7 +2,9 @@
 //!
 //! 1. SIGTERM/SIGINT are blocked and read from a signalfd (before any
 //!    thread starts, so every thread inherits the mask);
-//! 2. the HTTP listener is bound (`/readyz`, `/healthz`, `/metrics`);
+//! 2. the HTTP listener is bound (`/readyz`, `/healthz`, `/metrics`), and
+//!    the plugin's decision log is followed (each ADD and DEL re-emitted on
+//!    stdout and counted);
 //! 3. the shared loader loads or adopts the node's maps; the kernel
 //!    selftest runs once per node (its verdict is kept in `mb_config`).
 //!    A failed load does not stop the agent: the plugin is installed
@@ -43,13 +45,13 @@ use nix::{
 use serde_json::Value;
 
 use crate::{
-    cli::RunOptions,
+    cli::{LogFormat, RunOptions},
     confdir::Chained,
-    gc,
+    decisions, gc,
     http::{self, Handler, Response, Route},
     installer::{self, InstallError, Installer, KubeSetup},
     kubeconfig::{ApiServer, ServiceAccount},
-    metrics::{self, Problem, Stats},
+    metrics::{self, Problem, Snapshot, Stats},
     removal::{self, DaemonSetRef, Verdict},
     watch::Watcher,
 };
@@ -68,7 +70,7 @@ const REMOVAL_BUDGET: Duration = Duration::from_secs(5);
 
 type SharedNode = Arc<Mutex<Option<Node>>>;
 
-pub fn run(root: &Path, opts: &RunOptions) -> anyhow::Result<()> {
+pub fn run(root: &Path, opts: &RunOptions, log_format: LogFormat) -> anyhow::Result<()> {
     let mut mask = SigSet::empty();
     mask.add(Signal::SIGTERM);
     mask.add(Signal::SIGINT);
@@ -83,6 +85,8 @@ pub fn run(root: &Path, opts: &RunOptions) -> anyhow::Result<()> {
     let addr = listener.local_addr().context("reading the listen address")?;
     http::spawn(listener, handler(stats.clone(), node.clone())).context("starting the HTTP server")?;
     log::info!("serving /readyz and /metrics on {addr}");
+    decisions::spawn(&opts.state_dir, log_format, stats.clone())
+        .context("following the plugin's decision log")?;
 
     load(root, opts, &node, &stats);
 
@@ -240,7 +244,8 @@ fn settings_entry(root: &Path, opts: &RunOptions) -> Result<Value, InstallError>
 }
 
 /// The probes answer at once (no lock but the small ones of [`Stats`]); a
-/// scrape reads the maps under the node lock, on a thread of its own.
+/// scrape reads the maps under the node lock (one walk of each map, so
+/// O(entries) whatever the number of pods), on a thread of its own.
 fn handler(stats: Arc<Stats>, node: SharedNode) -> Handler {
     Arc::new(move |path| match path {
         "/readyz" => Route::Now(match stats.readiness() {
@@ -251,11 +256,16 @@ fn handler(stats: Arc<Stats>, node: SharedNode) -> Handler {
         "/metrics" => {
             let (stats, node) = (stats.clone(), node.clone());
             Route::Later(Box::new(move || {
-                let guard = node.lock().unwrap_or_else(|p| p.into_inner());
+                // The lock is held for one walk of each map, not for writing.
+                let snapshot = node
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .as_ref()
+                    .map(Snapshot::read);
                 Response {
                     status: 200,
                     content_type: "text/plain; version=0.0.4; charset=utf-8",
-                    body: metrics::render(&stats, guard.as_ref()),
+                    body: metrics::render(&stats, snapshot.as_ref()),
                 }
             }))
         }

@@ -21,6 +21,9 @@ pub const DEFAULT_DAEMONSET: &str = "meshbypass-node";
 #[command(
     name = "meshbypass-node",
     version,
+    // A flag given twice: the last one wins (a manifest's args after an
+    // image's defaults).
+    args_override_self = true,
     about = "meshbypass node agent: the node's shared BPF maps, the kernel selftest, \
              installing the CNI plugin, and the DaemonSet's main loop",
     after_help = "Every flag can also be set by an environment variable: MESHBYPASS_ and the \
@@ -282,6 +285,8 @@ mod tests {
         );
         assert_eq!(c.bpf_root, PathBuf::from("/sys/fs/bpf/y"));
         assert_eq!(c.log_format, LogFormat::Json);
+        let c = parse("status --bpf-root /a --bpf-root=/b").unwrap();
+        assert_eq!(c.bpf_root, PathBuf::from("/b"));
         let c = parse("unload").unwrap();
         assert_eq!(c.bpf_root, PathBuf::from(DEFAULT_BPF_ROOT));
     }

@@ -4,8 +4,8 @@ use std::{path::Path, process::ExitCode, sync::Arc};
 
 use anyhow::Context;
 use meshbypass_ebpf::{
-    Counter, Node,
-    abi::{KERNEL_PROBED, KERNEL_SAFE_ALL, KERNEL_SAFE_MEMBER, LAYOUT_VERSION},
+    Node,
+    abi::KERNEL_PROBED,
     loader::{self, OpenError},
     selftest,
 };
@@ -18,10 +18,12 @@ use crate::{
     installer::{self, Installer},
     kernel::run_selftest,
     metrics::Stats,
+    status::{self, auto_mode},
 };
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let root = cli.bpf_root.as_path();
+    let log_format = cli.log_format;
     match cli.command {
         Command::Load { selftest, output } => load(root, selftest.wanted(), output.json),
         Command::Unload { output } => {
@@ -38,11 +40,11 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Status { output, state_dir } => status(root, &state_dir, output.json),
+        Command::Status { output, state_dir } => status::run(root, &state_dir, output.json),
         Command::Install { paths, selftest } => install(root, &paths, selftest.wanted()),
         Command::Uninstall { dirs, cleanup } => uninstall(root, &dirs, cleanup),
         Command::Run(opts) => {
-            agent::run(root, &opts)?;
+            agent::run(root, &opts, log_format)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Selftest { output } => {
@@ -186,14 +188,6 @@ fn load(root: &Path, run_probe: bool, json_out: bool) -> anyhow::Result<ExitCode
     Ok(ExitCode::SUCCESS)
 }
 
-fn auto_mode(kernel_flags: u32) -> &'static str {
-    if kernel_flags & KERNEL_SAFE_ALL != 0 {
-        "all"
-    } else {
-        "proxy-only"
-    }
-}
-
 fn print_selftest(r: &selftest::Report) {
     println!("kernel {}", r.kernel);
     println!("{:<15} {:<13} detail", "probe", "outcome");
@@ -213,97 +207,4 @@ fn print_selftest(r: &selftest::Report) {
             (false, false) => "hazards found (auto = proxy-only: sidecar-to-sidecar legs only)",
         }
     );
-}
-
-fn status(root: &Path, _state_dir: &Path, json_out: bool) -> anyhow::Result<ExitCode> {
-    let kernel = selftest::kernel_release();
-    let node = match Node::open(root) {
-        Ok(node) => node,
-        Err(OpenError::NotLoaded { .. }) => {
-            let zero: serde_json::Map<String, serde_json::Value> = Counter::ALL
-                .iter()
-                .map(|c| (c.name().to_owned(), json!(0)))
-                .collect();
-            if json_out {
-                println!(
-                    "{}",
-                    json!({"loaded": false, "bpf_root": root, "kernel": kernel, "pods": 0,
-                           "links": 0, "counters": zero, "hazards": []})
-                );
-            } else {
-                println!("not loaded at {} (run `meshbypass-node load`)", root.display());
-            }
-            return Ok(ExitCode::SUCCESS);
-        }
-        Err(e) => return Err(e).context("opening the node's maps"),
-    };
-    let cfg = node.config().context("reading mb_config")?;
-    let counters = node.counters().context("reading counters")?;
-    let pods = node.pods();
-    let links = node.links();
-    let (tx, rx) = node.socket_counts();
-    let (pairs, endpoints) = node.pairing_counts();
-    let hazards: Vec<_> = selftest::hazards(cfg.kernel_flags)
-        .into_iter()
-        .map(|(probe, what)| json!({"probe": probe, "effect": what}))
-        .collect();
-    if json_out {
-        println!(
-            "{}",
-            json!({
-                "loaded": true,
-                "bpf_root": root,
-                "layout_version": LAYOUT_VERSION,
-                "programs": {
-                    "object_hash": format!("{:016x}", cfg.object_hash),
-                    "this_build": cfg.object_hash == loader::object_hash(),
-                },
-                "kernel": kernel,
-                "selftest": {
-                    "probed": cfg.kernel_flags & KERNEL_PROBED != 0,
-                    "safe_all": cfg.kernel_flags & KERNEL_SAFE_ALL != 0,
-                    "safe_member": cfg.kernel_flags & KERNEL_SAFE_MEMBER != 0,
-                    "probed_at": cfg.probed_at,
-                },
-                "auto": auto_mode(cfg.kernel_flags),
-                "hazards": hazards,
-                "pods": pods.len(),
-                "pod_list": pods,
-                "links": links.len(),
-                "sockets": {"tx": tx, "rx": rx},
-                "pairing": {"pairs": pairs, "endpoints": endpoints},
-                "counters": counters,
-            })
-        );
-    } else {
-        println!(
-            "loaded at {} (layout {LAYOUT_VERSION}), kernel {kernel}",
-            root.display()
-        );
-        let probed = if cfg.kernel_flags & KERNEL_PROBED != 0 {
-            "selftest recorded"
-        } else {
-            "no selftest recorded"
-        };
-        println!("acceleration auto = {} ({probed})", auto_mode(cfg.kernel_flags));
-        if cfg.object_hash != loader::object_hash() {
-            println!("programs: another build's (`meshbypass-node load` replaces them)");
-        }
-        for h in &hazards {
-            println!(
-                "hazard: {} — {}",
-                h["probe"].as_str().unwrap_or(""),
-                h["effect"].as_str().unwrap_or("")
-            );
-        }
-        println!(
-            "pods {}  links {}  sockets tx {tx} rx {rx}  pairs {pairs}  waiting {endpoints}",
-            pods.len(),
-            links.len()
-        );
-        for (name, value) in &counters.0 {
-            println!("  {name:<20} {value}");
-        }
-    }
-    Ok(ExitCode::SUCCESS)
 }

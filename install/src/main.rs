@@ -7,6 +7,7 @@ mod cli;
 mod cmd;
 mod confdir;
 mod conflist;
+mod decisions;
 mod errors;
 mod gc;
 mod http;
@@ -16,6 +17,7 @@ mod kubeconfig;
 mod logging;
 mod metrics;
 mod removal;
+mod status;
 mod watch;
 
 use std::process::ExitCode;

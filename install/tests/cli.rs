@@ -124,21 +124,21 @@ fn flags_take_equals_and_environment() {
     let (a, b) = (absent_root("a"), absent_root("b"));
     // --flag=value and --flag value.
     let v = status_json(&["status", "--json", &format!("--bpf-root={a}")], &[]);
-    assert_eq!(v["bpf_root"], a.as_str(), "{v}");
+    assert_eq!(v["bpfRoot"], a.as_str(), "{v}");
     let v = status_json(&["status", "--json", "--bpf-root", &b], &[]);
-    assert_eq!(v["bpf_root"], b.as_str(), "{v}");
+    assert_eq!(v["bpfRoot"], b.as_str(), "{v}");
     // The environment sets flags, booleans included ...
     let v = status_json(
         &["status"],
         &[("MESHBYPASS_BPF_ROOT", &a), ("MESHBYPASS_JSON", "1")],
     );
-    assert_eq!(v["bpf_root"], a.as_str(), "{v}");
+    assert_eq!(v["bpfRoot"], a.as_str(), "{v}");
     // ... and the command line wins.
     let v = status_json(
         &["status", "--json", "--bpf-root", &b],
         &[("MESHBYPASS_BPF_ROOT", &a)],
     );
-    assert_eq!(v["bpf_root"], b.as_str(), "{v}");
+    assert_eq!(v["bpfRoot"], b.as_str(), "{v}");
     // A false boolean is false.
     let out = run(&["status", "--bpf-root", &a], &[("MESHBYPASS_JSON", "false")]);
     assert_eq!(out.code, 0, "{}", out.stderr);

@@ -71,6 +71,11 @@ pub const SIDECAR_AUTO: MeshMode = MeshMode {
     route: Route::Sidecars,
     accel: Mode::Auto,
 };
+pub const SIDECAR_ADAPTIVE: MeshMode = MeshMode {
+    name: "sidecar + bypass(adaptive)",
+    route: Route::Sidecars,
+    accel: Mode::Adaptive,
+};
 
 /// The reference: the same sidecars (HAProxy, HTTP) joined by unix sockets
 /// instead of TCP on two of the three legs (`--reference`).

@@ -10,7 +10,7 @@ use std::{
 };
 
 use log::warn;
-use meshbypass_ebpf::{Mode, Node, PodEntry, attach::valid_link_name, loader::OpenError, pins::Pins};
+use meshbypass_ebpf::{Mode, NodeMaps, PodEntry, attach::valid_link_name, maps::OpenError, pins::Pins};
 
 use crate::{cgroup, config::Config, env::Attachment, error::CniError};
 
@@ -53,7 +53,7 @@ pub fn attach(config: &Config, att: &Attachment, ips: &[IpAddr], cookie: u64) ->
     };
     // Opening existing pins needs no lock; only the first pod on a node
     // goes through the shared loader.
-    let opened = match Node::open(&config.bpf_root) {
+    let opened = match NodeMaps::open(&config.bpf_root) {
         Err(OpenError::NotLoaded { .. }) => meshbypass_ebpf::load(&config.bpf_root)
             .map(|(node, _)| node)
             .map_err(|e| e.to_string()),
@@ -88,7 +88,7 @@ pub fn attach(config: &Config, att: &Attachment, ips: &[IpAddr], cookie: u64) ->
     }
 }
 
-fn undo(node: &mut Node, id: &str, cookie: u64) {
+fn undo(node: &mut NodeMaps, id: &str, cookie: u64) {
     if let Err(e) = node.detach_cgroup(id) {
         warn!("undo: {e}");
     }
@@ -104,7 +104,7 @@ fn undo(node: &mut Node, id: &str, cookie: u64) {
 /// stays with those maps, and DEL succeeds; failing it would only make the
 /// runtime retry a DEL that can never do more, and keep the pod's sandbox.
 pub fn remove(bpf_root: &Path, container_id: &str, cookie: Option<u64>) -> Result<(), CniError> {
-    let mut node = match Node::open(bpf_root) {
+    let mut node = match NodeMaps::open(bpf_root) {
         Ok(n) => n,
         Err(OpenError::NotLoaded { .. }) => return Ok(()),
         Err(e @ (OpenError::LayoutMismatch { .. } | OpenError::Incomplete { .. })) => {

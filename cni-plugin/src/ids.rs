@@ -59,9 +59,7 @@ impl ContainerId {
         if id.len() <= 200 {
             return id.to_owned();
         }
-        let hash = id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
-        });
+        let hash = meshbypass_ebpf::fnv1a(id.as_bytes());
         format!("{}-{hash:016x}", &id[..180])
     }
 

@@ -139,6 +139,110 @@ static __always_inline void on_connect(struct bpf_sock_ops *skops)
 	st->flags |= MB_SK_HAVE_UID;
 }
 
+/*
+ * The few kernel fields the programs read beyond their contexts, through
+ * BTF pointers and CO-RE (relocated by the loader against the running
+ * kernel's BTF; these are not the kernel's definitions).
+ */
+struct file___mb {
+	unsigned int f_flags;
+} __attribute__((preserve_access_index));
+
+struct socket___mb {
+	struct file___mb *file;
+} __attribute__((preserve_access_index));
+
+/* The socket flags (enum sock_flags bits) live in sock_common on recent
+ * kernels, in struct sock itself on older ones. */
+struct sock_common___mb {
+	unsigned long skc_flags;
+} __attribute__((preserve_access_index));
+
+struct sock___mb {
+	struct sock_common___mb __sk_common;
+	void *sk_user_data;
+	int sk_rcvbuf;
+	int sk_rcvlowat;
+	struct socket___mb *sk_socket;
+	unsigned long sk_flags;
+} __attribute__((preserve_access_index));
+
+struct tcp_sock___mb {
+	__u32 rcv_nxt;
+	__u32 copied_seq;
+	__u32 snd_una;
+	__u32 write_seq;
+} __attribute__((preserve_access_index));
+
+struct sk_psock___mb {
+	__u32 msg_tot_len;
+} __attribute__((preserve_access_index));
+
+/* The program's context is the kernel's struct sk_msg. */
+struct sk_msg___mb {
+	struct sock___mb *sk_redir;
+} __attribute__((preserve_access_index));
+
+#define MB_SK_USER_DATA_PSOCK 4UL  /* SK_USER_DATA_PSOCK: sk_user_data is a psock */
+#define MB_SK_USER_DATA_FLAGS 7UL  /* NOCOPY | BPF | PSOCK, tagged in the low bits */
+#define MB_QUEUE_FLOOR (1u << 20)  /* bound = max(receiver's sk_rcvbuf, 1 MiB) */
+
+/* Bytes in the redirect queue of socket `t`; ~0 when unreadable (taken as
+ * full: the safe side), 0 when it has no psock. */
+static __always_inline __u32 queued_at(struct sock___mb *t)
+{
+	struct sk_psock___mb *ps;
+	__u64 ud = 0;
+	__u32 queued = 0;
+
+	if (bpf_core_read(&ud, sizeof(ud), &t->sk_user_data))
+		return ~0u;
+	if (!(ud & MB_SK_USER_DATA_PSOCK))
+		return 0;
+	ps = (void *)(ud & ~MB_SK_USER_DATA_FLAGS);
+	if (bpf_core_read(&queued, sizeof(queued), &ps->msg_tot_len))
+		return ~0u;
+	return queued;
+}
+
+#define MB_O_NONBLOCK 04000 /* O_NONBLOCK (asm-generic, x86, arm64) */
+
+/* Whether the socket's file is non-blocking: 1 yes, 0 no, -1 unknown (no
+ * file yet: an accepted socket before accept(), or one being torn down). */
+static __always_inline int file_nonblocking(struct bpf_sock *bsk)
+{
+	struct sock___mb *sk = (void *)bpf_skc_to_tcp_sock(bsk);
+	struct socket___mb *so = 0;
+	struct file___mb *f = 0;
+	__u32 fl = 0;
+
+	if (!sk)
+		return -1;
+	if (bpf_core_read(&so, sizeof(so), &sk->sk_socket) || !so)
+		return -1;
+	if (bpf_core_read(&f, sizeof(f), &so->file) || !f)
+		return -1;
+	if (bpf_core_read(&fl, sizeof(fl), &f->f_flags))
+		return -1;
+	return (fl & MB_O_NONBLOCK) != 0;
+}
+
+/* Bytes redirected into the socket and not read yet; ~0 when unknown (a
+ * kernel without msg_tot_len, before 6.14). */
+static __always_inline __u32 unread_redirected(struct bpf_sock *bsk)
+{
+	struct sock___mb *sk = (void *)bpf_skc_to_tcp_sock(bsk);
+
+	if (!sk || !bpf_core_field_exists(struct sk_psock___mb, msg_tot_len))
+		return ~0u;
+	return queued_at(sk);
+}
+
+/* Which guards `adaptive` applies: all of them. Only the tests that prove
+ * each one necessary load the program with one removed. */
+const volatile __u32 mb_adaptive_checks = MB_ADAPTIVE_CONNECTED | MB_ADAPTIVE_LISTENER |
+					  MB_ADAPTIVE_SEND | MB_ADAPTIVE_DRAINED;
+
 /* Membership: rx first, then tx (a socket may sit in both; rx carries no
  * program). Returns 0 when a map is full; the socket is then in neither. */
 static __always_inline int join_maps(struct bpf_sock_ops *skops, struct mb_sk_state *st, __u32 rx, __u32 tx)
@@ -183,9 +287,27 @@ struct mb_end {
 	__u32 can_rx;
 	__u32 can_tx;
 	__u32 proxy;
+	__u32 admitted; /* an app socket `adaptive` admitted */
 	__u32 ports; /* MB_EP_OUTBOUND_PORT | MB_EP_INBOUND_PORT */
 	__u64 dest_netns;
 };
+
+/* A socket now in the maps: its close must clean up after it, and an app
+ * socket `adaptive` admitted must leave again if its file turns blocking:
+ * sk_msg checks the file at each send and marks it, and the socket's next
+ * packet (on_packet, usually in that very send) takes it out. */
+static __always_inline void track(struct bpf_sock_ops *skops, struct mb_sk_state *st, const struct mb_end *self)
+{
+	__u32 cb = BPF_SOCK_OPS_STATE_CB_FLAG;
+
+	if (self->admitted) {
+		st->flags |= MB_SK_ADAPTIVE | (self->active ? 0 : MB_SK_PASSIVE);
+		cb |= BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG;
+		count(MB_CTR_ADMITTED, 1);
+	}
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | cb);
+	count(MB_CTR_SOCKETS_TRACKED, 1);
+}
 
 /*
  * The second end of a connection joins the first, which waits in
@@ -281,8 +403,7 @@ static __always_inline void join(struct bpf_sock_ops *skops, struct mb_sk_state 
 	if (!self_tx && !self_rx)
 		return; /* nothing to redirect either way: the pair stays on the stack */
 	st->flags |= MB_SK_TRACKED | (self->proxy ? MB_SK_PROXY : 0);
-	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
-	count(MB_CTR_SOCKETS_TRACKED, 1);
+	track(skops, st, self);
 	count(plain ? MB_CTR_PAIRS_PLAIN : MB_CTR_PAIRS_NAT, 1);
 }
 
@@ -356,19 +477,53 @@ static __always_inline void on_established(struct bpf_sock_ops *skops, int activ
 			self.ports |= MB_EP_INBOUND_PORT;
 		self.proxy = self.ports != 0;
 	}
-	/* App sockets join the maps in `all`, and as senders in proxy-only
-	 * where being a member is harmless on this kernel. */
+	/* `adaptive` admits an app socket only while being in the maps cannot
+	 * hurt it: its file is non-blocking (a blocking read() on a member can
+	 * fail with EAGAIN on this kernel). A connected socket's file says so
+	 * now; an accepted one has no file yet, so its listener's must have
+	 * been non-blocking and no socket accepted there turned out blocking. */
+	if (mode == MB_MODE_ADAPTIVE && !self.proxy) {
+		if (active) {
+			self.admitted = !(mb_adaptive_checks & MB_ADAPTIVE_CONNECTED) ||
+					file_nonblocking(sk) == 1;
+		} else {
+			struct mb_port_key pk = {.netns = netns, .port = st->self.local_port};
+			struct mb_port *port = bpf_map_lookup_elem(&mb_ports, &pk);
+
+			self.admitted = !(mb_adaptive_checks & MB_ADAPTIVE_LISTENER) ||
+					(port && (port->flags & MB_PORT_LISTENER_NONBLOCK) &&
+					 !(port->flags & MB_PORT_ACCEPTED_BLOCKING));
+		}
+	}
+	/* App sockets join the maps in `all`, when admitted in `adaptive`
+	 * (as redirect targets only where FIONREAD counts redirected bytes),
+	 * and as senders in proxy-only where being a member is harmless here. */
 	apps_tracked = mode == MB_MODE_ALL || (kflags & MB_KERNEL_SAFE_MEMBER);
-	self.can_rx = mode == MB_MODE_ALL || self.proxy;
-	self.can_tx = mode == MB_MODE_ALL || self.proxy || (kflags & MB_KERNEL_SAFE_MEMBER);
+	self.can_rx = mode == MB_MODE_ALL || self.proxy ||
+		      (self.admitted && !(kflags & MB_KERNEL_HAZARD_FIONREAD));
+	self.can_tx = mode == MB_MODE_ALL || self.proxy || self.admitted || (kflags & MB_KERNEL_SAFE_MEMBER);
 
 	/* Sockets that cannot have a tracked peer stay out entirely. */
-	if (!self.proxy && !apps_tracked)
+	if (!self.proxy && !apps_tracked && !self.admitted)
 		return;
 	if (!self.dest_netns && (!active || self.proxy))
 		return; /* off-node or unregistered peer (proxies are not redirected) */
-	if (self.proxy && remote_local && !apps_tracked)
-		return; /* its peer is a local app, which stays out */
+	if (self.proxy && remote_local && !apps_tracked) {
+		/* Its peer is a local app, which stays out unless `adaptive`
+		 * admits it: an app accepting from the proxy needs a port that
+		 * admits; an app connecting to the proxy established first and
+		 * waits already (checked below). */
+		if (mode != MB_MODE_ADAPTIVE)
+			return;
+		if (active && (mb_adaptive_checks & MB_ADAPTIVE_LISTENER)) {
+			struct mb_port_key pk = {.netns = netns, .port = st->self.remote_port};
+			struct mb_port *port = bpf_map_lookup_elem(&mb_ports, &pk);
+
+			if (!port || !(port->flags & MB_PORT_LISTENER_NONBLOCK) ||
+			    (port->flags & MB_PORT_ACCEPTED_BLOCKING))
+				return;
+		}
+	}
 
 	/* write_seq while no byte went through TCP: the ISN + 1 (the active
 	 * side's bytes_acked counts its SYN and any SYN data acknowledged). A
@@ -398,6 +553,12 @@ static __always_inline void on_established(struct bpf_sock_ops *skops, int activ
 
 	other = bpf_map_lookup_elem(&mb_endpoints, &ek);
 	if (!other) {
+		/* The active end establishes first (its callback runs before its
+		 * handshake ACK leaves); if it is not waiting, it is not tracked
+		 * and nothing will ever join a passive socket here. Only a TCP
+		 * Fast Open server establishes first: it stays on the stack. */
+		if (!active)
+			return;
 		/* First end: wait, in the maps our own class allows. */
 		if (!join_maps(skops, st, self.can_rx, self.can_tx))
 			return;
@@ -413,8 +574,7 @@ static __always_inline void on_established(struct bpf_sock_ops *skops, int activ
 		}
 		st->ep = ek;
 		st->flags |= MB_SK_TRACKED | MB_SK_EP_OWNER | (self.proxy ? MB_SK_PROXY : 0);
-		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
-		count(MB_CTR_SOCKETS_TRACKED, 1);
+		track(skops, st, &self);
 		return;
 	}
 	/* A copy: the entry can be deleted under us. */
@@ -456,6 +616,67 @@ static __always_inline void on_close(struct bpf_sock_ops *skops)
 	/* The kernel removes the socket from mb_tx and mb_rx itself. */
 }
 
+/* listen(): `adaptive` notes whether the listener's file is non-blocking,
+ * the evidence it admits accepted sockets on (they have no file until
+ * accept()). Every listener on the port must be non-blocking; a veto stays.
+ * Noted for every registered pod, so that a pod switched to `adaptive`
+ * later (re-registered) knows its listeners too. */
+static __always_inline void on_listen(struct bpf_sock_ops *skops)
+{
+	__u32 lport = skops->local_port;
+	__u64 netns = bpf_get_netns_cookie(skops);
+	struct bpf_sock *sk = skops->sk;
+	struct mb_port_key k = {};
+	struct mb_port v = {};
+	struct mb_port *old;
+	struct mb_pod *pod;
+
+	asm volatile("" ::: "memory");
+	if (!sk)
+		return;
+	pod = bpf_map_lookup_elem(&mb_netns, &netns);
+	if (!pod)
+		return;
+	k.netns = netns;
+	k.port = (__u16)lport;
+	old = bpf_map_lookup_elem(&mb_ports, &k);
+	if (file_nonblocking(sk) == 1 && (!old || (old->flags & MB_PORT_LISTENER_NONBLOCK)))
+		v.flags = MB_PORT_LISTENER_NONBLOCK;
+	if (old)
+		v.flags |= old->flags & MB_PORT_ACCEPTED_BLOCKING;
+	if (bpf_map_update_elem(&mb_ports, &k, &v, BPF_ANY))
+		count(MB_CTR_MAP_FULL, 1);
+}
+
+/* A packet of an admitted app socket is about to leave. If its file turned
+ * blocking (sk_msg marked it), it leaves the maps: first as a redirect
+ * target (its peer's next redirect fails and goes to TCP), then, once it has
+ * read every byte redirected into it (deleting it drops its redirect queue),
+ * altogether, which puts its plain TCP functions back. The packet is usually
+ * the one its own send put on the stack, so this happens inside that send,
+ * before its next read. */
+static __always_inline void on_packet(struct bpf_sock_ops *skops)
+{
+	struct bpf_sock *sk = skops->sk;
+	struct mb_sk_state *st;
+
+	if (!sk)
+		return;
+	st = bpf_sk_storage_get(&mb_sk_state, sk, 0, 0);
+	if (!st || !(st->flags & MB_SK_EVICT))
+		return;
+	if (st->flags & MB_SK_IN_RX) {
+		bpf_map_delete_elem(&mb_rx, &st->self);
+		st->flags &= ~MB_SK_IN_RX;
+	}
+	if ((mb_adaptive_checks & MB_ADAPTIVE_DRAINED) && unread_redirected(sk) != 0)
+		return;
+	bpf_map_delete_elem(&mb_tx, &st->self);
+	st->flags &= ~(MB_SK_EVICT | MB_SK_ADAPTIVE);
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags & ~BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG);
+	count(MB_CTR_EVICTED, 1);
+}
+
 SEC("sockops")
 int mb_sockops(struct bpf_sock_ops *skops)
 {
@@ -473,6 +694,12 @@ int mb_sockops(struct bpf_sock_ops *skops)
 		if (skops->args[1] == BPF_TCP_CLOSE)
 			on_close(skops);
 		break;
+	case BPF_SOCK_OPS_TCP_LISTEN_CB:
+		on_listen(skops);
+		break;
+	case BPF_SOCK_OPS_HDR_OPT_LEN_CB:
+		on_packet(skops);
+		break;
 	default:
 		break;
 	}
@@ -489,50 +716,6 @@ int mb_sockops(struct bpf_sock_ops *skops)
  * the stack for good: TCP's flow control then holds the writer, and order is
  * kept because the receiver drains its redirect queue before the TCP one.
  */
-struct sock___mb {
-	void *sk_user_data;
-	int sk_rcvbuf;
-	int sk_rcvlowat;
-} __attribute__((preserve_access_index));
-
-struct tcp_sock___mb {
-	__u32 rcv_nxt;
-	__u32 copied_seq;
-	__u32 snd_una;
-	__u32 write_seq;
-} __attribute__((preserve_access_index));
-
-struct sk_psock___mb {
-	__u32 msg_tot_len;
-} __attribute__((preserve_access_index));
-
-/* The program's context is the kernel's struct sk_msg. */
-struct sk_msg___mb {
-	struct sock___mb *sk_redir;
-} __attribute__((preserve_access_index));
-
-#define MB_SK_USER_DATA_PSOCK 4UL  /* SK_USER_DATA_PSOCK: sk_user_data is a psock */
-#define MB_SK_USER_DATA_FLAGS 7UL  /* NOCOPY | BPF | PSOCK, tagged in the low bits */
-#define MB_QUEUE_FLOOR (1u << 20)  /* bound = max(receiver's sk_rcvbuf, 1 MiB) */
-
-/* Bytes in the redirect queue of socket `t`; ~0 when unreadable (taken as
- * full: the safe side), 0 when it has no psock. */
-static __always_inline __u32 queued_at(struct sock___mb *t)
-{
-	struct sk_psock___mb *ps;
-	__u64 ud = 0;
-	__u32 queued = 0;
-
-	if (bpf_core_read(&ud, sizeof(ud), &t->sk_user_data))
-		return ~0u;
-	if (!(ud & MB_SK_USER_DATA_PSOCK))
-		return 0;
-	ps = (void *)(ud & ~MB_SK_USER_DATA_FLAGS);
-	if (bpf_core_read(&queued, sizeof(queued), &ps->msg_tot_len))
-		return ~0u;
-	return queued;
-}
-
 /* The socket this message was just redirected to, when it holds more than
  * its bound (this message not counted yet); 0 otherwise, and always 0 when
  * the kernel has no msg_tot_len (before 6.14): there the bound is tcp_mem,
@@ -558,14 +741,38 @@ static __always_inline __u64 receiver_full(struct sk_msg_md *msg)
 
 /* This socket's write_seq: sk_msg runs inside sendmsg under the socket's
  * lock, so no byte can enter TCP while we look. ~seq0 when unreadable. */
-static __always_inline __u32 write_seq(struct bpf_sock *sk, __u32 seq0)
+/* Why a sender's message must take TCP although it is paired: 0 none. */
+#define MB_STACK_BYTES 1 /* bytes went through TCP without sk_msg (write_seq moved past seq0) */
+#define MB_STACK_ZEROCOPY 2 /* SO_ZEROCOPY: its completions come only from TCP's error queue */
+
+/* The kernel's enum sock_flags bit of SO_ZEROCOPY, found by CO-RE. */
+enum sock_flags___mb {
+	SOCK_ZEROCOPY___mb = 18,
+};
+
+/* Read under the sender's lock (sk_msg runs inside sendmsg), so no byte can
+ * enter TCP while we look. */
+static __always_inline int must_take_stack(struct bpf_sock *sk, __u32 seq0)
 {
 	struct tcp_sock___mb *tp = (void *)bpf_skc_to_tcp_sock(sk);
-	__u32 wseq;
+	unsigned long flags = 0;
+	__u32 wseq, bit;
 
-	if (!tp || bpf_core_read(&wseq, sizeof(wseq), &tp->write_seq))
-		return ~seq0;
-	return wseq;
+	if (!tp || bpf_core_read(&wseq, sizeof(wseq), &tp->write_seq) || wseq != seq0)
+		return MB_STACK_BYTES;
+	if (!bpf_core_enum_value_exists(enum sock_flags___mb, SOCK_ZEROCOPY___mb))
+		return 0;
+	bit = bpf_core_enum_value(enum sock_flags___mb, SOCK_ZEROCOPY___mb);
+	if (bit >= 64)
+		return 0;
+	if (bpf_core_field_exists(((struct sock___mb *)tp)->__sk_common.skc_flags)) {
+		if (bpf_core_read(&flags, sizeof(flags), &((struct sock___mb *)tp)->__sk_common.skc_flags))
+			return 0;
+	} else if (bpf_core_field_exists(((struct sock___mb *)tp)->sk_flags)) {
+		if (bpf_core_read(&flags, sizeof(flags), &((struct sock___mb *)tp)->sk_flags))
+			return 0;
+	}
+	return (flags >> bit) & 1 ? MB_STACK_ZEROCOPY : 0;
 }
 
 /* Which drain conditions may_resume checks: all of them. Only the tests
@@ -655,11 +862,35 @@ int mb_sk_msg(struct sk_msg_md *msg)
 		st->target = 0;
 		count(MB_CTR_RESUMED, 1);
 	}
+	/* An app socket `adaptive` admitted stays only while its file is
+	 * non-blocking (Java's timed connect switches back to blocking): from
+	 * the first send that finds it blocking, its sends take TCP and it
+	 * leaves the maps (on_packet); an accepted one vetoes its port. */
+	if ((st->flags & MB_SK_ADAPTIVE) && (mb_adaptive_checks & MB_ADAPTIVE_SEND) &&
+	    file_nonblocking(sk) != 1) {
+		if (!(st->flags & MB_SK_EVICT)) {
+			st->flags |= MB_SK_EVICT;
+			if (st->flags & MB_SK_PASSIVE) {
+				struct mb_port_key pk = {.netns = st->self.netns, .port = st->self.local_port};
+				struct mb_port v = {.flags = MB_PORT_ACCEPTED_BLOCKING};
+
+				bpf_map_update_elem(&mb_ports, &pk, &v, BPF_ANY);
+			}
+		}
+		return pass(st, size);
+	}
 	/* ... and bytes can take the stack without sk_msg: a send that began
 	 * before the socket joined the maps finishes on TCP (a blocking
-	 * sendto(MSG_FASTOPEN) waits for the handshake, then writes the rest). */
-	if (write_seq(sk, st->seq0) != st->seq0) {
+	 * sendto(MSG_FASTOPEN) waits for the handshake, then writes the rest).
+	 * And a zerocopy sender needs TCP's completions. */
+	switch (must_take_stack(sk, st->seq0)) {
+	case MB_STACK_BYTES:
 		count(MB_CTR_STACK_BYTES, 1);
+		return pass(st, size);
+	case MB_STACK_ZEROCOPY:
+		/* A MSG_ZEROCOPY sender waits for completions that a redirect
+		 * never produces. */
+		count(MB_CTR_ZEROCOPY, 1);
 		return pass(st, size);
 	}
 

@@ -5,11 +5,15 @@
 use std::{
     fs::{self, File},
     io,
-    os::fd::AsFd,
+    os::fd::{AsFd, BorrowedFd},
     path::{Path, PathBuf},
 };
 
-use crate::loader::Node;
+use crate::{
+    maps::NodeMaps,
+    pins,
+    sys::{self, SyscallError, bpf_attach_type::BPF_CGROUP_SOCK_OPS},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
@@ -25,13 +29,19 @@ pub enum AttachError {
     Attach {
         path: PathBuf,
         #[source]
-        source: Box<io::Error>,
+        source: SyscallError,
     },
     #[error("cannot pin link {}", path.display())]
     Pin {
         path: PathBuf,
         #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
+        source: SyscallError,
+    },
+    #[error("cannot read which program {} runs", path.display())]
+    Query {
+        path: PathBuf,
+        #[source]
+        source: SyscallError,
     },
     #[error("cannot remove link {}", path.display())]
     Remove {
@@ -59,7 +69,7 @@ pub fn valid_link_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
-impl Node {
+impl NodeMaps {
     /// Attaches the bypass to `cgroup_dir` (a cgroup v2 directory) under the
     /// link name `name` (the container ID). Idempotent per name.
     pub fn attach_cgroup(&self, cgroup_dir: &Path, name: &str) -> Result<Attached, AttachError> {
@@ -78,27 +88,24 @@ impl Node {
         // features on first use (a dozen program and BTF loads, ~1.5 ms),
         // which every pod start would pay. A bpf_link on a cgroup coexists
         // with other programs there (a CNI's own), as BPF_F_ALLOW_MULTI.
-        let attach_err = |source: io::Error| AttachError::Attach {
+        let attach_err = |source| AttachError::Attach {
             path: cgroup_dir.into(),
-            source: Box::new(source),
+            source,
         };
-        let prog = crate::sys::obj_get(&self.pins.prog(crate::pins::PROG_SOCKOPS)).map_err(attach_err)?;
-        let link = crate::sys::link_create(prog.as_fd(), cgroup.as_fd(), crate::sys::BPF_CGROUP_SOCK_OPS)
-            .map_err(attach_err)?;
-        crate::sys::obj_pin(link.as_fd(), &pin).map_err(|e| AttachError::Pin {
+        let prog_pin = self.pins.prog(pins::PROG_SOCKOPS);
+        let prog = sys::obj_get(&prog_pin).map_err(attach_err)?;
+        let link = sys::link_create(prog.as_fd(), cgroup.as_fd(), BPF_CGROUP_SOCK_OPS).map_err(attach_err)?;
+        sys::obj_pin(link.as_fd(), &pin).map_err(|source| AttachError::Pin {
             path: pin.clone(),
-            source: Box::new(e),
+            source,
         })?;
         // An upgrade may have replaced the program since we opened it: it
         // renames the new pin in first, then updates the links it finds, so
         // a link pinned after its listing must follow by itself.
-        if let Ok(cur) = crate::sys::obj_get(&self.pins.prog(crate::pins::PROG_SOCKOPS))
-            && let (Ok(a), Ok(b)) = (
-                crate::sys::prog_id(prog.as_fd()),
-                crate::sys::prog_id(cur.as_fd()),
-            )
+        if let Ok(cur) = sys::obj_get(&prog_pin)
+            && let (Ok(a), Ok(b)) = (sys::prog_id(prog.as_fd()), sys::prog_id(cur.as_fd()))
             && a != b
-            && let Err(e) = crate::sys::link_update(link.as_fd(), cur.as_fd())
+            && let Err(e) = sys::link_update(link.as_fd(), cur.as_fd())
         {
             log::warn!("{}: keeps the previous program: {e}", pin.display());
         }
@@ -106,16 +113,16 @@ impl Node {
     }
 
     /// The kernel ID of the pinned program `name` (`pins::PROG_*`).
-    pub fn program_id(&self, name: &str) -> io::Result<u32> {
-        crate::sys::prog_id(crate::sys::obj_get(&self.pins.prog(name))?.as_fd())
+    pub fn program_id(&self, name: &str) -> Result<u32, AttachError> {
+        query(self.pins.prog(name), sys::prog_id)
     }
 
     /// The kernel ID of the program the pod link `name` runs.
-    pub fn link_program_id(&self, name: &str) -> io::Result<u32> {
+    pub fn link_program_id(&self, name: &str) -> Result<u32, AttachError> {
         if !valid_link_name(name) {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "invalid link name"));
+            return Err(AttachError::InvalidName { name: name.into() });
         }
-        crate::sys::link_prog_id(crate::sys::obj_get(&self.pins.link(name))?.as_fd())
+        query(self.pins.link(name), sys::link_prog_id)
     }
 
     /// Detaches the link named `name`; `false` when there was none.
@@ -142,6 +149,13 @@ impl Node {
         names.sort();
         names
     }
+}
+
+/// `id` of the object pinned at `path`.
+fn query(path: PathBuf, id: fn(BorrowedFd<'_>) -> Result<u32, SyscallError>) -> Result<u32, AttachError> {
+    sys::obj_get(&path)
+        .and_then(|object| id(object.as_fd()))
+        .map_err(|source| AttachError::Query { path, source })
 }
 
 #[cfg(test)]

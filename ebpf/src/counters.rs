@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use aya::maps::MapError;
 
-use crate::{abi::Counter, loader::Node};
+use crate::{abi::Counter, maps::NodeMaps};
 
 /// Counter name -> value, summed over CPUs.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -17,7 +17,7 @@ impl Counters {
     }
 }
 
-impl Node {
+impl NodeMaps {
     pub fn counters(&self) -> Result<Counters, MapError> {
         let per_cpu = self.counters.get(&0, 0)?;
         let mut out = BTreeMap::new();

@@ -13,18 +13,27 @@ use std::{
 
 use aya::{
     EbpfLoader,
-    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, SockHash},
-    programs::{ProgramError, SkMsg, SockOps},
+    programs::{Program, ProgramError},
 };
 use log::{debug, info};
 
 use crate::{
     OBJECT,
-    abi::{Addr, Config, Endpoint, EndpointKey, LAYOUT_VERSION, Pair, Pod, SockKey},
+    abi::{
+        ADAPTIVE_CONNECTED, ADAPTIVE_DRAINED, ADAPTIVE_LISTENER, ADAPTIVE_SEND, Config, DRAIN_RECEIVER_READ,
+        DRAIN_SENDER_ACKED, LAYOUT_VERSION,
+    },
     bpffs::{self, BpffsError, RootLock},
+    fnv::fnv1a,
+    maps::{NodeMaps, OpenError, map_err, open_map, read_stamp, update_config},
     pins::{self, Pins},
-    sys,
+    sys::{self, SyscallError, bpf_attach_type::BPF_SK_MSG_VERDICT},
 };
+
+/// The load-time constants of the programs: `MB_DRAIN_*` and
+/// `MB_ADAPTIVE_*` bits.
+const DRAIN_CHECKS_GLOBAL: &str = "mb_drain_checks";
+const ADAPTIVE_CHECKS_GLOBAL: &str = "mb_adaptive_checks";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -51,8 +60,11 @@ pub enum LoadError {
         #[source]
         source: io::Error,
     },
-    #[error("cannot attach the sk_msg program to mb_tx")]
-    AttachSkMsg(#[source] io::Error),
+    #[error("cannot attach the sk_msg program to {}", pins::MAP_SENDERS)]
+    AttachSkMsg {
+        #[source]
+        source: SyscallError,
+    },
     #[error(transparent)]
     Open(#[from] OpenError),
     #[error("cannot remove {}", path.display())]
@@ -63,36 +75,6 @@ pub enum LoadError {
     },
     #[error("the object has no {0}")]
     Missing(&'static str),
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum OpenError {
-    #[error("the node's maps are not loaded at {}: run `meshbypass-node load`", root.display())]
-    NotLoaded { root: PathBuf },
-    #[error(
-        "the pins at {} have layout version {found}, this binary uses {LAYOUT_VERSION}: \
-         run the matching meshbypass version, or `meshbypass-node unload` and load again \
-         (running pods lose acceleration until re-added)",
-        root.display()
-    )]
-    LayoutMismatch { root: PathBuf, found: String },
-    #[error(
-        "the pins at {} are incomplete ({} missing): run `meshbypass-node unload` and load again",
-        root.display(), missing.display()
-    )]
-    Incomplete { root: PathBuf, missing: PathBuf },
-    #[error("cannot open pinned map {}", path.display())]
-    Map {
-        path: PathBuf,
-        #[source]
-        source: Box<MapError>,
-    },
-    #[error("cannot open pinned program {}", path.display())]
-    Program {
-        path: PathBuf,
-        #[source]
-        source: Box<ProgramError>,
-    },
 }
 
 /// What [`load`] did.
@@ -112,24 +94,7 @@ pub enum LoadOutcome {
 /// FNV-1a of the embedded object: which build the pinned programs are.
 pub fn object_hash() -> u64 {
     static HASH: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    *HASH.get_or_init(|| {
-        OBJECT.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
-        })
-    })
-}
-
-/// An open handle on the node's pinned maps and programs.
-pub struct Node {
-    pub(crate) pins: Pins,
-    pub(crate) pods: HashMap<MapData, Addr, Pod>,
-    pub(crate) netns: HashMap<MapData, u64, Pod>,
-    pub(crate) pairs: HashMap<MapData, SockKey, Pair>,
-    pub(crate) endpoints: HashMap<MapData, EndpointKey, Endpoint>,
-    pub(crate) config: Array<MapData, Config>,
-    pub(crate) counters: PerCpuArray<MapData, crate::abi::CounterBlock>,
-    pub(crate) tx: SockHash<MapData, SockKey>,
-    pub(crate) rx: SockHash<MapData, SockKey>,
+    *HASH.get_or_init(|| fnv1a(OBJECT))
 }
 
 /// How the programs are loaded when this call creates or replaces them.
@@ -140,25 +105,28 @@ pub struct LoadOptions {
     /// `MB_DRAIN_*`: the conditions a direction sent to the stack by a
     /// full receiver must meet before it returns to the bypass.
     pub drain_checks: u32,
+    /// `MB_ADAPTIVE_*`: the guards of `adaptive`.
+    pub adaptive_checks: u32,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
         Self {
-            drain_checks: crate::abi::DRAIN_SENDER_ACKED | crate::abi::DRAIN_RECEIVER_READ,
+            drain_checks: DRAIN_SENDER_ACKED | DRAIN_RECEIVER_READ,
+            adaptive_checks: ADAPTIVE_CONNECTED | ADAPTIVE_LISTENER | ADAPTIVE_SEND | ADAPTIVE_DRAINED,
         }
     }
 }
 
 /// Creates the node's pins under `root`, or reuses them. Safe to call from
 /// any number of processes at once.
-pub fn load(root: &Path) -> Result<(Node, LoadOutcome), LoadError> {
+pub fn load(root: &Path) -> Result<(NodeMaps, LoadOutcome), LoadError> {
     load_with(root, &LoadOptions::default())
 }
 
 /// [`load`] with `options` for programs this call loads (a reused node keeps
 /// its programs as they are).
-pub fn load_with(root: &Path, options: &LoadOptions) -> Result<(Node, LoadOutcome), LoadError> {
+pub fn load_with(root: &Path, options: &LoadOptions) -> Result<(NodeMaps, LoadOutcome), LoadError> {
     bpffs::ensure_root(root)?;
     let _lock = RootLock::acquire(root)?;
     let pins = Pins::new(root);
@@ -186,32 +154,26 @@ pub fn load_with(root: &Path, options: &LoadOptions) -> Result<(Node, LoadOutcom
             LoadOutcome::Created
         }
     };
-    let node = Node::open_unlocked(&pins)?;
+    let maps = NodeMaps::open_unlocked(&pins)?;
     info!("bpf root {}: {:?}", root.display(), outcome);
-    Ok((node, outcome))
+    Ok((maps, outcome))
 }
 
 fn create(pins: &Pins, options: &LoadOptions) -> Result<(), LoadError> {
     bpffs::mkdir_0700(&pins.progs_dir())?;
     bpffs::mkdir_0700(&pins.links_dir())?;
-    load_programs(pins, "", options)?;
+    load_programs(pins, Pin::Live, options)?;
     attach_sk_msg(pins)?;
     // The stamp goes last: its presence means every pin above exists.
-    let mut config: Array<MapData, Config> = open_map(pins, "mb_config")?;
-    config
-        .set(
-            0,
-            Config {
-                layout_version: LAYOUT_VERSION,
-                object_hash: object_hash(),
-                ..Config::default()
-            },
-            0,
-        )
-        .map_err(|e| OpenError::Map {
-            path: pins.map("mb_config"),
-            source: Box::new(e),
-        })?;
+    let mut config = open_map(pins, pins::MAP_CONFIG)?;
+    update_config(&mut config, |cfg| {
+        *cfg = Config {
+            layout_version: LAYOUT_VERSION,
+            object_hash: object_hash(),
+            ..Config::default()
+        };
+    })
+    .map_err(map_err(pins, pins::MAP_CONFIG))?;
     Ok(())
 }
 
@@ -222,21 +184,17 @@ fn create(pins: &Pins, options: &LoadOptions) -> Result<(), LoadError> {
 /// object hash recorded. A link that cannot be updated keeps the old
 /// program (same layout: it still works) and is logged.
 fn upgrade(pins: &Pins, options: &LoadOptions) -> Result<(), LoadError> {
-    load_programs(pins, NEW_SUFFIX, options)?;
-    for name in [pins::PROG_SOCKOPS, pins::PROG_SK_MSG] {
-        let (tmp, path) = (tmp_pin(pins, name, NEW_SUFFIX), pins.prog(name));
-        fs::rename(&tmp, &path).map_err(|source| LoadError::Rename {
-            from: tmp,
-            to: path.clone(),
+    load_programs(pins, Pin::Staged, options)?;
+    for name in pins::PROGS {
+        let (staged, path) = (pins.staged_prog(name), pins.prog(name));
+        fs::rename(&staged, &path).map_err(|source| LoadError::Rename {
+            from: staged,
+            to: path,
             source,
         })?;
     }
     attach_sk_msg(pins)?;
-    let path = pins.prog(pins::PROG_SOCKOPS);
-    let prog = sys::obj_get(&path).map_err(|e| OpenError::Program {
-        path,
-        source: Box::new(ProgramError::from(e)),
-    })?;
+    let prog = open_pin(&pins.prog(pins::PROG_SOCKOPS))?;
     let mut updated = 0;
     for entry in fs::read_dir(pins.links_dir()).into_iter().flatten().flatten() {
         let link = entry.path();
@@ -245,14 +203,9 @@ fn upgrade(pins: &Pins, options: &LoadOptions) -> Result<(), LoadError> {
             Err(e) => log::warn!("{}: keeps the previous program: {e}", link.display()),
         }
     }
-    let mut config: Array<MapData, Config> = open_map(pins, "mb_config")?;
-    let err = |e| OpenError::Map {
-        path: pins.map("mb_config"),
-        source: Box::new(e),
-    };
-    let mut cfg = config.get(&0, 0).map_err(err)?;
-    cfg.object_hash = object_hash();
-    config.set(0, cfg, 0).map_err(err)?;
+    let mut config = open_map(pins, pins::MAP_CONFIG)?;
+    update_config(&mut config, |cfg| cfg.object_hash = object_hash())
+        .map_err(map_err(pins, pins::MAP_CONFIG))?;
     info!(
         "bpf root {}: programs replaced by this build's, {updated} pod links updated",
         pins.root().display()
@@ -260,49 +213,44 @@ fn upgrade(pins: &Pins, options: &LoadOptions) -> Result<(), LoadError> {
     Ok(())
 }
 
-/// Where an upgrade pins the new programs before renaming them in (bpffs
-/// refuses names with a dot).
-const NEW_SUFFIX: &str = "_new";
-
-fn tmp_pin(pins: &Pins, name: &str, suffix: &str) -> PathBuf {
-    let mut p = pins.prog(name).into_os_string();
-    p.push(suffix);
-    p.into()
+/// Where [`load_programs`] pins a program.
+#[derive(Clone, Copy)]
+enum Pin {
+    /// `progs/<name>`, where the node's programs are.
+    Live,
+    /// `progs/<name>_new`, until an upgrade renames it in.
+    Staged,
 }
 
 /// Loads both programs from the embedded object (its maps are the pinned
-/// ones, created when absent) and pins them as `progs/<name><suffix>`.
-fn load_programs(pins: &Pins, suffix: &str, options: &LoadOptions) -> Result<(), LoadError> {
-    let root = pins.root();
+/// ones, created when absent) and pins them where `pin` says.
+fn load_programs(pins: &Pins, pin: Pin, options: &LoadOptions) -> Result<(), LoadError> {
     let mut ebpf = EbpfLoader::new()
-        .default_map_pin_directory(root)
-        .override_global("mb_drain_checks", &options.drain_checks, true)
+        .default_map_pin_directory(pins.root())
+        .override_global(DRAIN_CHECKS_GLOBAL, &options.drain_checks, true)
+        .override_global(ADAPTIVE_CHECKS_GLOBAL, &options.adaptive_checks, true)
         .load(OBJECT)
         .map_err(|e| LoadError::Ebpf(Box::new(e)))?;
-
-    let sockops: &mut SockOps = ebpf
-        .program_mut(pins::PROG_SOCKOPS)
-        .ok_or(LoadError::Missing(pins::PROG_SOCKOPS))?
-        .try_into()
-        .map_err(|e| prog_err(pins::PROG_SOCKOPS, e))?;
-    sockops.load().map_err(|e| prog_err(pins::PROG_SOCKOPS, e))?;
-    let path = tmp_pin(pins, pins::PROG_SOCKOPS, suffix);
-    remove_pin(&path)?; // what a crashed loader may have left
-    sockops
-        .pin(&path)
-        .map_err(|source| LoadError::Pin { path, source })?;
-
-    let sk_msg: &mut SkMsg = ebpf
-        .program_mut(pins::PROG_SK_MSG)
-        .ok_or(LoadError::Missing(pins::PROG_SK_MSG))?
-        .try_into()
-        .map_err(|e| prog_err(pins::PROG_SK_MSG, e))?;
-    sk_msg.load().map_err(|e| prog_err(pins::PROG_SK_MSG, e))?;
-    let path = tmp_pin(pins, pins::PROG_SK_MSG, suffix);
-    remove_pin(&path)?; // what a crashed loader may have left
-    sk_msg
-        .pin(&path)
-        .map_err(|source| LoadError::Pin { path, source })?;
+    for name in pins::PROGS {
+        let program = ebpf.program_mut(name).ok_or(LoadError::Missing(name))?;
+        let loaded = match program {
+            Program::SockOps(p) => p.load(),
+            Program::SkMsg(p) => p.load(),
+            _ => Err(ProgramError::UnexpectedProgramType),
+        };
+        loaded.map_err(|e| LoadError::Program {
+            name,
+            source: Box::new(e),
+        })?;
+        let path = match pin {
+            Pin::Live => pins.prog(name),
+            Pin::Staged => pins.staged_prog(name),
+        };
+        remove_pin(&path)?; // what a crashed loader may have left
+        program
+            .pin(&path)
+            .map_err(|source| LoadError::Pin { path, source })?;
+    }
     Ok(())
 }
 
@@ -318,166 +266,20 @@ fn remove_pin(path: &Path) -> Result<bool, LoadError> {
     }
 }
 
-fn prog_err(name: &'static str, e: ProgramError) -> LoadError {
-    LoadError::Program {
-        name,
-        source: Box::new(e),
-    }
-}
-
-fn attach_sk_msg(pins: &Pins) -> Result<(), LoadError> {
-    let path = pins.prog(pins::PROG_SK_MSG);
-    let prog = SkMsg::from_pin(&path).map_err(|e| OpenError::Program {
-        path: path.clone(),
-        source: Box::new(e),
-    })?;
-    let tx = MapData::from_pin(pins.map("mb_tx")).map_err(|e| OpenError::Map {
-        path: pins.map("mb_tx"),
-        source: Box::new(e),
-    })?;
-    let prog_fd = prog.fd().map_err(|e| OpenError::Program {
-        path,
-        source: Box::new(e),
-    })?;
-    sys::map_prog_attach(prog_fd.as_fd(), tx.fd().as_fd(), sys::BPF_SK_MSG_VERDICT)
-        .map_err(LoadError::AttachSkMsg)
-}
-
-/// The stamp: `None` when `mb_config` is not pinned.
-fn read_stamp(pins: &Pins) -> Result<Option<Config>, OpenError> {
-    let path = pins.map("mb_config");
-    if !path.exists() {
-        return Ok(None);
-    }
-    let config: Array<MapData, Config> = match open_map(pins, "mb_config") {
-        Ok(c) => c,
-        // Another layout's mb_config has another value size.
-        Err(OpenError::Map { source, .. }) if matches!(*source, MapError::InvalidValueSize { .. }) => {
-            return Err(OpenError::LayoutMismatch {
-                root: pins.root().into(),
-                found: "unknown (mb_config differs)".into(),
-            });
-        }
-        Err(e) => return Err(e),
-    };
-    config.get(&0, 0).map(Some).map_err(|e| OpenError::Map {
-        path,
-        source: Box::new(e),
+/// Opens the object pinned at `path`.
+fn open_pin(path: &Path) -> Result<std::os::fd::OwnedFd, OpenError> {
+    sys::obj_get(path).map_err(|source| OpenError::Pinned {
+        path: path.into(),
+        source,
     })
 }
 
-pub(crate) fn open_map<T>(pins: &Pins, name: &str) -> Result<T, OpenError>
-where
-    T: TryFrom<Map, Error = MapError>,
-{
-    let path = pins.map(name);
-    let err = |e| OpenError::Map {
-        path: path.clone(),
-        source: Box::new(e),
-    };
-    let data = MapData::from_pin(&path).map_err(err)?;
-    T::try_from(Map::from_map_data(data).map_err(err)?).map_err(err)
-}
-
-impl Node {
-    /// Opens the node's pins; they must exist with this binary's layout.
-    pub fn open(root: &Path) -> Result<Node, OpenError> {
-        let pins = Pins::new(root);
-        match read_stamp(&pins)? {
-            Some(cfg) if cfg.layout_version == LAYOUT_VERSION => Self::open_unlocked(&pins),
-            Some(cfg) if cfg.layout_version != 0 => Err(OpenError::LayoutMismatch {
-                root: root.into(),
-                found: cfg.layout_version.to_string(),
-            }),
-            _ => Err(OpenError::NotLoaded { root: root.into() }),
-        }
-    }
-
-    fn open_unlocked(pins: &Pins) -> Result<Node, OpenError> {
-        for name in pins::MAPS {
-            let path = pins.map(name);
-            if !path.exists() {
-                return Err(OpenError::Incomplete {
-                    root: pins.root().into(),
-                    missing: path,
-                });
-            }
-        }
-        for name in [pins::PROG_SOCKOPS, pins::PROG_SK_MSG] {
-            let path = pins.prog(name);
-            if !path.exists() {
-                return Err(OpenError::Incomplete {
-                    root: pins.root().into(),
-                    missing: path,
-                });
-            }
-        }
-        Ok(Node {
-            pins: pins.clone(),
-            pods: open_map(pins, "mb_pods")?,
-            netns: open_map(pins, "mb_netns")?,
-            pairs: open_map(pins, "mb_pairs")?,
-            endpoints: open_map(pins, "mb_endpoints")?,
-            config: open_map(pins, "mb_config")?,
-            counters: open_map(pins, "mb_counters")?,
-            tx: open_map(pins, "mb_tx")?,
-            rx: open_map(pins, "mb_rx")?,
-        })
-    }
-
-    pub fn root(&self) -> &Path {
-        self.pins.root()
-    }
-
-    pub fn pins(&self) -> &Pins {
-        &self.pins
-    }
-
-    /// The node-wide settings.
-    pub fn config(&self) -> Result<Config, MapError> {
-        self.config.get(&0, 0)
-    }
-
-    /// Overwrites the recorded object hash: tests pretend that another build
-    /// loaded the pins (the next `load` then replaces the programs).
-    pub fn record_object_hash(&mut self, hash: u64) -> Result<(), MapError> {
-        let mut cfg = self.config.get(&0, 0)?;
-        cfg.object_hash = hash;
-        self.config.set(0, cfg, 0)
-    }
-
-    /// Sets `mb_config.kernel_flags` (the selftest's private roots).
-    pub fn set_kernel_flags(&mut self, flags: u32) -> Result<(), MapError> {
-        let mut cfg = self.config.get(&0, 0)?;
-        cfg.kernel_flags = flags;
-        self.config.set(0, cfg, 0)
-    }
-
-    /// Records the selftest verdict that `auto` follows.
-    pub fn record_verdict(&mut self, report: &crate::selftest::Report) -> Result<(), MapError> {
-        let mut cfg = self.config.get(&0, 0)?;
-        cfg.kernel_flags = report.kernel_flags();
-        cfg.probed_at = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        self.config.set(0, cfg, 0)
-    }
-
-    /// Sockets currently in the socket maps (tx, rx).
-    pub fn socket_counts(&self) -> (usize, usize) {
-        (
-            self.tx.keys().filter(Result::is_ok).count(),
-            self.rx.keys().filter(Result::is_ok).count(),
-        )
-    }
-
-    /// Entries in the pairing maps (pairs, endpoints).
-    pub fn pairing_counts(&self) -> (usize, usize) {
-        (
-            self.pairs.keys().filter(Result::is_ok).count(),
-            self.endpoints.keys().filter(Result::is_ok).count(),
-        )
-    }
+/// Attaches the sk_msg program to the senders' map (`mb_tx`).
+fn attach_sk_msg(pins: &Pins) -> Result<(), LoadError> {
+    let prog = open_pin(&pins.prog(pins::PROG_SK_MSG))?;
+    let senders = open_pin(&pins.map(pins::MAP_SENDERS))?;
+    sys::prog_attach(prog.as_fd(), senders.as_fd(), BPF_SK_MSG_VERDICT)
+        .map_err(|source| LoadError::AttachSkMsg { source })
 }
 
 /// What [`unload`] removed.
@@ -490,61 +292,49 @@ pub struct UnloadReport {
 /// Detaches everything and removes every pin under `root` (per-pod links
 /// included), then the root itself when it is empty.
 pub fn unload(root: &Path) -> Result<UnloadReport, LoadError> {
-    let mut report = UnloadReport::default();
     if !root.exists() {
-        return Ok(report);
+        return Ok(UnloadReport::default());
     }
     let lock = RootLock::acquire(root)?;
     let pins = Pins::new(root);
-    report.links = remove_dir_pins(&pins.links_dir())?;
-    // Detach sk_msg from the map: sockets still in it go back to plain TCP.
-    if let (Ok(prog), Ok(tx)) = (
-        SkMsg::from_pin(pins.prog(pins::PROG_SK_MSG)),
-        MapData::from_pin(pins.map("mb_tx")),
-    ) && let Ok(fd) = prog.fd()
-    {
-        match sys::map_prog_detach(fd.as_fd(), tx.fd().as_fd(), sys::BPF_SK_MSG_VERDICT) {
-            Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
-            Err(e) => debug!("detaching sk_msg: {e}"),
-        }
-    }
-    report.pins = remove_pins(&pins)?;
-    // What a crashed upgrade may have left (`<prog>_new`).
-    report.pins += remove_dir_pins(&pins.progs_dir())?;
+    let links = remove_dir_pins(&pins.links_dir())?;
+    detach_sk_msg(&pins);
+    // Then what a crashed upgrade may have left (`<prog>_new`).
+    let removed = remove_pins(&pins)? + remove_dir_pins(&pins.progs_dir())?;
     drop(lock);
     for dir in [pins.links_dir(), pins.progs_dir()] {
-        remove_dir_if_present(&dir)?;
+        remove_dir(&dir, &[])?;
     }
-    // A root we mounted ourselves stays a mount point; an empty directory
-    // on /sys/fs/bpf is removed.
-    match fs::remove_dir(root) {
+    // A root we mounted ourselves stays a mount point (EBUSY); an empty
+    // directory on /sys/fs/bpf is removed.
+    remove_dir(root, &[libc::EBUSY, libc::ENOTEMPTY])?;
+    Ok(UnloadReport { links, pins: removed })
+}
+
+/// Detaches sk_msg from the senders' map: sockets still in it go back to
+/// plain TCP. Best effort: the pins are removed next either way.
+fn detach_sk_msg(pins: &Pins) {
+    let (Ok(prog), Ok(senders)) = (
+        sys::obj_get(&pins.prog(pins::PROG_SK_MSG)),
+        sys::obj_get(&pins.map(pins::MAP_SENDERS)),
+    ) else {
+        return;
+    };
+    match sys::prog_detach(prog.as_fd(), senders.as_fd(), BPF_SK_MSG_VERDICT) {
         Ok(()) => {}
-        Err(e)
-            if matches!(
-                e.raw_os_error(),
-                Some(libc::ENOENT) | Some(libc::EBUSY) | Some(libc::ENOTEMPTY)
-            ) => {}
-        Err(source) => {
-            return Err(LoadError::Remove {
-                path: root.into(),
-                source,
-            });
-        }
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+        Err(e) => debug!("detaching sk_msg: {e}"),
     }
-    Ok(report)
 }
 
 /// Removes the map and program pins (not links); returns how many.
 fn remove_pins(pins: &Pins) -> Result<usize, LoadError> {
-    let mut n = 0;
-    let progs = [pins::PROG_SOCKOPS, pins::PROG_SK_MSG].map(|p| pins.prog(p));
-    for path in pins::MAPS.iter().map(|m| pins.map(m)).chain(progs) {
-        n += usize::from(remove_pin(&path)?);
-    }
-    Ok(n)
+    pins.maps_and_progs()
+        .map(|path| remove_pin(&path).map(usize::from))
+        .sum()
 }
 
+/// Removes every pin in `dir`; returns how many.
 fn remove_dir_pins(dir: &Path) -> Result<usize, LoadError> {
     let entries = match fs::read_dir(dir) {
         Ok(e) => e,
@@ -556,51 +346,22 @@ fn remove_dir_pins(dir: &Path) -> Result<usize, LoadError> {
             });
         }
     };
-    let mut n = 0;
-    for entry in entries.flatten() {
-        n += usize::from(remove_pin(&entry.path())?);
-    }
-    Ok(n)
+    entries
+        .flatten()
+        .map(|entry| remove_pin(&entry.path()).map(usize::from))
+        .sum()
 }
 
-fn remove_dir_if_present(dir: &Path) -> Result<(), LoadError> {
+/// Removes the directory `dir`; a missing one, or one failing with an
+/// errno of `benign`, is fine.
+fn remove_dir(dir: &Path, benign: &[i32]) -> Result<(), LoadError> {
     match fs::remove_dir(dir) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) if e.raw_os_error().is_some_and(|errno| benign.contains(&errno)) => Ok(()),
         Err(source) => Err(LoadError::Remove {
             path: dir.into(),
             source,
         }),
-    }
-}
-
-/// Read access to the datapath's state, for status, GC and tests.
-impl Node {
-    /// Keys of the sockets in (tx, rx).
-    pub fn socket_keys(&self) -> (Vec<SockKey>, Vec<SockKey>) {
-        (
-            self.tx.keys().filter_map(Result::ok).collect(),
-            self.rx.keys().filter_map(Result::ok).collect(),
-        )
-    }
-
-    /// Every pair entry: socket -> peer.
-    pub fn pairs(&self) -> Vec<(SockKey, Pair)> {
-        self.pairs.iter().filter_map(Result::ok).collect()
-    }
-
-    /// Every waiting endpoint.
-    pub fn endpoints(&self) -> Vec<(EndpointKey, Endpoint)> {
-        self.endpoints.iter().filter_map(Result::ok).collect()
-    }
-
-    /// Writes a pair entry (repair and tests).
-    pub fn set_pair(&mut self, key: &SockKey, pair: &Pair) -> Result<(), MapError> {
-        self.pairs.insert(key, pair, 0)
-    }
-
-    /// Removes a pair entry (repair and tests).
-    pub fn remove_pair(&mut self, key: &SockKey) -> Result<(), MapError> {
-        self.pairs.remove(key)
     }
 }

@@ -8,7 +8,7 @@ use aya::maps::MapError;
 
 use crate::{
     abi::{Addr, Mode, NO_ID, Pod},
-    loader::Node,
+    maps::NodeMaps,
 };
 
 /// A pod as the plugin registers it.
@@ -70,7 +70,7 @@ pub struct RegisteredPod {
     pub mode: &'static str,
 }
 
-/// What [`Node::unregister_pod`] removed.
+/// What [`NodeMaps::unregister_pod`] removed.
 #[derive(Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Removed {
     pub netns: usize,
@@ -106,7 +106,23 @@ fn remove_keys<K: aya::Pod, V: aya::Pod>(
     Ok(n)
 }
 
-impl Node {
+/// Removes every entry of `map` for which `doomed(key, value)`; returns
+/// how many went.
+fn remove_where<K: aya::Pod, V: aya::Pod>(
+    map: &mut aya::maps::HashMap<aya::maps::MapData, K, V>,
+    doomed: impl Fn(&K, &V) -> bool,
+    what: impl Fn(&K) -> String,
+) -> Result<usize, PodError> {
+    let keys: Vec<K> = map
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(k, v)| doomed(k, v))
+        .map(|(k, _)| k)
+        .collect();
+    remove_keys(map, keys, what)
+}
+
+impl NodeMaps {
     /// Registers (or updates) a pod: IPs first, netns last, so the datapath
     /// never sees the pod half-written.
     pub fn register_pod(&mut self, pod: &PodEntry) -> Result<(), PodError> {
@@ -137,30 +153,26 @@ impl Node {
     /// DEL may run any number of times.
     pub fn unregister_pod(&mut self, netns_cookie: u64) -> Result<Removed, PodError> {
         let netns = remove_keys(&mut self.netns, [netns_cookie], |c| format!("netns {c}"))?;
-        let ips: Vec<Addr> = self
-            .pods
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, pod)| pod.netns == netns_cookie)
-            .map(|(ip, _)| ip)
-            .collect();
-        let ips = remove_keys(&mut self.pods, ips, |ip| ip.to_ip().to_string())?;
-        let pairs: Vec<_> = self
-            .pairs
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(k, p)| k.netns == netns_cookie || p.peer.netns == netns_cookie)
-            .map(|(k, _)| k)
-            .collect();
-        let pairs = remove_keys(&mut self.pairs, pairs, |_| "a pair".into())?;
-        let endpoints: Vec<_> = self
-            .endpoints
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(k, e)| k.netns == netns_cookie || e.key.netns == netns_cookie)
-            .map(|(k, _)| k)
-            .collect();
-        let endpoints = remove_keys(&mut self.endpoints, endpoints, |_| "an endpoint".into())?;
+        let ips = remove_where(
+            &mut self.pods,
+            |_, pod| pod.netns == netns_cookie,
+            |ip| ip.to_ip().to_string(),
+        )?;
+        let pairs = remove_where(
+            &mut self.pairs,
+            |k, p| k.netns == netns_cookie || p.peer.netns == netns_cookie,
+            |_| "a pair".into(),
+        )?;
+        let endpoints = remove_where(
+            &mut self.endpoints,
+            |k, e| k.netns == netns_cookie || e.key.netns == netns_cookie,
+            |_| "an endpoint".into(),
+        )?;
+        remove_where(
+            &mut self.ports,
+            |k, _| k.netns == netns_cookie,
+            |k| format!("port {}", k.port),
+        )?;
         Ok(Removed {
             netns,
             ips,

@@ -21,10 +21,79 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    abi::{Counter, Mode},
-    cgroup2, loader, netns,
+    abi::{Counter, KERNEL_SAFE_MEMBER, Mode, header},
+    cgroup2, loader,
+    maps::NodeMaps,
+    netns,
     pods::PodEntry,
+    verdict::Verdict,
 };
+
+/// A hazard of the running kernel and the probe that looks for it: the
+/// probe's name (in reports, `status` and metrics), the
+/// `MB_KERNEL_HAZARD_*` bit recorded when it does not pass, what the
+/// hazard means for the modes, and how the probe runs.
+pub struct Hazard {
+    pub probe: &'static str,
+    pub bit: u32,
+    pub effect: &'static str,
+    setup: Setup,
+    run: ProbeFn,
+}
+
+const REDIRECT: Hazard = Hazard {
+    probe: "redirect",
+    bit: header::MB_KERNEL_HAZARD_REDIRECT,
+    effect: "sk_msg redirection does not deliver: nothing is accelerated",
+    setup: Setup::Targets,
+    run: probe_redirect,
+};
+
+const BLOCKING_READ_MEMBER: Hazard = Hazard {
+    probe: "blocking-read-member",
+    bit: header::MB_KERNEL_HAZARD_MEMBER,
+    effect: "a blocking read() on a socket that is only a sender in the maps fails with EAGAIN when \
+             woken without data: proxy-only and auto keep app sockets out of the maps \
+             (sidecar-to-sidecar legs only)",
+    setup: Setup::Member,
+    run: probe_blocking_read_member,
+};
+
+/// Every hazard, in the order the probes run.
+pub const HAZARDS: [Hazard; 6] = [
+    REDIRECT,
+    Hazard {
+        probe: "splice-reader",
+        bit: header::MB_KERNEL_HAZARD_SPLICE,
+        effect: "splice() readers hang or read EOF on redirected data: auto redirects only into proxy sockets",
+        setup: Setup::Targets,
+        run: probe_splice,
+    },
+    Hazard {
+        probe: "fionread",
+        bit: header::MB_KERNEL_HAZARD_FIONREAD,
+        effect: "FIONREAD does not count redirected data: auto redirects only into proxy sockets",
+        setup: Setup::Targets,
+        run: probe_fionread,
+    },
+    Hazard {
+        probe: "blocking-read",
+        bit: header::MB_KERNEL_HAZARD_BLOCKING,
+        effect: "a blocking read() on a redirect target fails with EAGAIN when woken without data: \
+                 auto redirects only into proxy sockets",
+        setup: Setup::Targets,
+        run: probe_blocking_read,
+    },
+    BLOCKING_READ_MEMBER,
+    Hazard {
+        probe: "slow-reader",
+        bit: header::MB_KERNEL_HAZARD_QUEUE,
+        effect: "redirected data is not bounded by the receiver (no psock msg_tot_len before Linux 6.14): \
+                 a reader that stalls lets its writer fill memory up to tcp_mem",
+        setup: Setup::Targets,
+        run: probe_slow_reader,
+    },
+];
 
 /// The verdict of one probe.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,35 +151,34 @@ pub enum SelftestError {
 }
 
 impl Report {
-    /// The verdict as `mb_config.kernel_flags`.
-    pub fn kernel_flags(&self) -> u32 {
-        let mut flags = crate::abi::KERNEL_PROBED;
-        if self.safe_all {
-            flags |= crate::abi::KERNEL_SAFE_ALL;
-        }
-        if self.safe_member {
-            flags |= crate::abi::KERNEL_SAFE_MEMBER;
-        }
-        for (bit, name, _) in crate::abi::KERNEL_HAZARDS {
-            if self
-                .probes
+    /// The verdict to record: the report's, with the bit of every hazard
+    /// whose probe did not pass.
+    pub fn verdict(&self) -> Verdict {
+        let failed = |h: &Hazard| {
+            self.probes
                 .iter()
-                .any(|p| p.name == name && p.outcome != Outcome::Pass)
-            {
-                flags |= bit;
-            }
+                .any(|p| p.name == h.probe && p.outcome != Outcome::Pass)
+        };
+        Verdict {
+            safe_all: self.safe_all,
+            safe_member: self.safe_member,
+            hazards: HAZARDS
+                .iter()
+                .filter(|h| failed(h))
+                .fold(0, |bits, h| bits | h.bit),
         }
-        flags
     }
 }
 
-/// The hazards named by recorded kernel flags: (probe, what it means).
-pub fn hazards(kernel_flags: u32) -> Vec<(&'static str, &'static str)> {
-    crate::abi::KERNEL_HAZARDS
-        .iter()
-        .filter(|(bit, _, _)| kernel_flags & bit != 0)
-        .map(|(_, name, what)| (*name, *what))
-        .collect()
+impl From<&Report> for Verdict {
+    fn from(report: &Report) -> Self {
+        report.verdict()
+    }
+}
+
+/// The hazards named by recorded kernel flags.
+pub fn hazards(kernel_flags: u32) -> impl Iterator<Item = &'static Hazard> {
+    HAZARDS.iter().filter(move |h| kernel_flags & h.bit != 0)
 }
 
 /// How the probe's netns is registered.
@@ -125,13 +193,13 @@ enum Setup {
 }
 
 impl Setup {
-    fn apply(self, node: &mut loader::Node, cookie: u64) -> io::Result<()> {
+    fn apply(self, maps: &mut NodeMaps, cookie: u64) -> io::Result<()> {
         let (mode, proxy_uid, flags) = match self {
             Setup::Targets => (Mode::All, None, 0),
-            Setup::Member => (Mode::ProxyOnly, Some(0), crate::abi::KERNEL_SAFE_MEMBER),
+            Setup::Member => (Mode::ProxyOnly, Some(0), KERNEL_SAFE_MEMBER),
         };
-        node.set_kernel_flags(flags).map_err(io::Error::other)?;
-        node.register_pod(&PodEntry {
+        maps.set_kernel_flags(flags).map_err(io::Error::other)?;
+        maps.register_pod(&PodEntry {
             netns_cookie: cookie,
             ips: vec![Ipv4Addr::LOCALHOST.into()],
             outbound_port: 0,
@@ -170,12 +238,12 @@ pub fn run(exe: &Path, timeout: Duration) -> Result<Report, SelftestError> {
 }
 
 fn run_in(exe: &Path, timeout: Duration, root: &Path, cgroup: &Path) -> Result<Report, SelftestError> {
-    let (node, _) = loader::load(root)?;
+    let (maps, _) = loader::load(root)?;
     fs::create_dir_all(cgroup).map_err(|source| SelftestError::Prepare {
         path: cgroup.into(),
         source,
     })?;
-    node.attach_cgroup(cgroup, "selftest")?;
+    maps.attach_cgroup(cgroup, "selftest")?;
     let mut child = Command::new(exe)
         .arg("selftest-probe")
         .arg("--bpf-root")
@@ -224,13 +292,13 @@ fn run_in(exe: &Path, timeout: Duration, root: &Path, cgroup: &Path) -> Result<R
         status,
         stderr: err.trim().to_owned(),
     })?;
-    let passed = |name: &str| {
+    let passed = |h: &Hazard| {
         probes
             .iter()
-            .any(|p| p.name == name && p.outcome == Outcome::Pass)
+            .any(|p| p.name == h.probe && p.outcome == Outcome::Pass)
     };
     let safe_all = !probes.is_empty() && probes.iter().all(|p| p.outcome == Outcome::Pass);
-    let safe_member = passed("redirect") && passed("blocking-read-member");
+    let safe_member = passed(&REDIRECT) && passed(&BLOCKING_READ_MEMBER);
     Ok(Report {
         kernel: kernel_release(),
         probes,
@@ -245,27 +313,22 @@ pub fn kernel_release() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
-/// The probe process: joins `cgroup`, takes a new netns, registers it with
-/// mode `all` in the private maps at `root`, runs every probe with its own
-/// deadline and prints the results as JSON. Returns the process exit code.
+/// The probe process: joins `cgroup`, takes a new netns, registers it in
+/// the private maps at `root` as each probe needs, and runs every probe of
+/// [`HAZARDS`] with its own deadline. Returns the results; the caller
+/// prints them (JSON) for [`run`] and exits, which ends any probe thread
+/// abandoned as hung.
 pub fn probe_main(root: &Path, cgroup: &Path) -> io::Result<Vec<Probe>> {
     cgroup2::join(cgroup)?;
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
     loopback_up()?;
     let cookie = netns::current_cookie().map_err(io::Error::other)?;
-    let mut node = loader::Node::open(root).map_err(io::Error::other)?;
-    let probes: [(&str, ProbeFn, Setup); 6] = [
-        ("redirect", probe_redirect, Setup::Targets),
-        ("splice-reader", probe_splice, Setup::Targets),
-        ("fionread", probe_fionread, Setup::Targets),
-        ("blocking-read", probe_blocking_read, Setup::Targets),
-        ("blocking-read-member", probe_blocking_read_member, Setup::Member),
-        ("slow-reader", probe_slow_reader, Setup::Targets),
-    ];
+    let mut maps = NodeMaps::open(root).map_err(io::Error::other)?;
     let mut out = Vec::new();
-    for (name, f, setup) in probes {
-        setup.apply(&mut node, cookie)?;
-        let before = redirected(&node);
+    for hazard in &HAZARDS {
+        hazard.setup.apply(&mut maps, cookie)?;
+        let f = hazard.run;
+        let before = redirected(&maps);
         let (tx, rx) = mpsc::channel();
         let pair = connected_pair()?;
         // A hung probe thread is abandoned; the process exits after the report.
@@ -279,12 +342,12 @@ pub fn probe_main(root: &Path, cgroup: &Path) -> io::Result<Vec<Probe>> {
         let (mut outcome, mut detail) = rx
             .recv_timeout(PROBE_DEADLINE)
             .unwrap_or((Outcome::Hang, format!("no result within {PROBE_DEADLINE:?}")));
-        if redirected(&node) == before && outcome != Outcome::Hang {
+        if redirected(&maps) == before && outcome != Outcome::Hang {
             outcome = Outcome::Inconclusive;
             detail = format!("nothing was redirected ({detail})");
         }
         out.push(Probe {
-            name: name.into(),
+            name: hazard.probe.into(),
             outcome,
             detail,
         });
@@ -292,8 +355,8 @@ pub fn probe_main(root: &Path, cgroup: &Path) -> io::Result<Vec<Probe>> {
     Ok(out)
 }
 
-fn redirected(node: &loader::Node) -> u64 {
-    node.counters()
+fn redirected(maps: &NodeMaps) -> u64 {
+    maps.counters()
         .map(|c| c.get(Counter::RedirectedMsgs))
         .unwrap_or(0)
 }
@@ -436,15 +499,21 @@ fn probe_fionread(client: &mut TcpStream, server: &mut TcpStream) -> (Outcome, S
 /// A blocking reader on a map member, woken by something other than data
 /// (its own FIN being acknowledged), must keep waiting, not fail.
 fn probe_blocking_read(client: &mut TcpStream, server: &mut TcpStream) -> (Outcome, String) {
-    // Traffic first, so the probe counts as redirected.
-    if let Err(e) = client.write_all(b"warm-up") {
-        return (Outcome::Fail, format!("write: {e}"));
-    }
-    let mut buf = [0u8; 7];
-    if let Err(e) = server.read_exact(&mut buf) {
-        return (Outcome::Fail, format!("warm-up read: {e}"));
+    if let Err(failed) = warm_up(client, server) {
+        return failed;
     }
     probe_blocking_wakeup(client, server)
+}
+
+/// Traffic `from` -> `to` before a wakeup probe, so that the probe counts
+/// as redirected.
+fn warm_up(from: &mut TcpStream, to: &mut TcpStream) -> Result<(), (Outcome, String)> {
+    const WARM_UP: &[u8] = b"warm-up";
+    from.write_all(WARM_UP)
+        .map_err(|e| (Outcome::Fail, format!("write: {e}")))?;
+    let mut buf = [0u8; WARM_UP.len()];
+    to.read_exact(&mut buf)
+        .map_err(|e| (Outcome::Fail, format!("warm-up read: {e}")))
 }
 
 /// `server` blocks in read(); its own FIN being acknowledged wakes it
@@ -515,13 +584,9 @@ fn probe_blocking_wakeup(client: &mut TcpStream, server: &mut TcpStream) -> (Out
 /// The same wakeup on a socket that is only a sender in the maps (what
 /// proxy-only makes of an app socket): is mere membership a hazard?
 fn probe_blocking_read_member(client: &mut TcpStream, server: &mut TcpStream) -> (Outcome, String) {
-    // server (app, tx only) -> client (proxy, rx): redirected traffic first.
-    if let Err(e) = server.write_all(b"warm-up") {
-        return (Outcome::Fail, format!("write: {e}"));
-    }
-    let mut buf = [0u8; 7];
-    if let Err(e) = client.read_exact(&mut buf) {
-        return (Outcome::Fail, format!("warm-up read: {e}"));
+    // server (app, tx only) -> client (proxy, rx).
+    if let Err(failed) = warm_up(server, client) {
+        return failed;
     }
     probe_blocking_wakeup(client, server)
 }
@@ -594,4 +659,55 @@ fn loopback_up() -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One table: every `MB_KERNEL_HAZARD_*` of the header has exactly one
+    /// probe, and every probe has its own bit and name.
+    #[test]
+    fn every_header_hazard_has_one_probe() {
+        let mut header_bits: Vec<u32> = header::ALL
+            .iter()
+            .filter(|(name, _)| name.starts_with("MB_KERNEL_HAZARD_"))
+            .map(|(_, bit)| *bit)
+            .collect();
+        header_bits.sort_unstable();
+        let mut bits: Vec<u32> = HAZARDS.iter().map(|h| h.bit).collect();
+        bits.sort_unstable();
+        assert_eq!(
+            bits, header_bits,
+            "HAZARDS (left) and the header's hazard bits (right) differ"
+        );
+        let mut names: Vec<&str> = HAZARDS.iter().map(|h| h.probe).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), HAZARDS.len(), "two probes share a name");
+    }
+
+    #[test]
+    fn a_failed_probe_records_its_hazard() {
+        let report = Report {
+            kernel: "test".into(),
+            probes: HAZARDS
+                .iter()
+                .map(|h| Probe {
+                    name: h.probe.into(),
+                    outcome: if h.bit == header::MB_KERNEL_HAZARD_SPLICE {
+                        Outcome::Hang
+                    } else {
+                        Outcome::Pass
+                    },
+                    detail: String::new(),
+                })
+                .collect(),
+            safe_all: false,
+            safe_member: true,
+        };
+        let flags = report.verdict().kernel_flags();
+        let named: Vec<&str> = hazards(flags).map(|h| h.probe).collect();
+        assert_eq!(named, ["splice-reader"]);
+    }
 }

@@ -1,200 +1,186 @@
-//! The two bpf(2) commands aya keeps behind its link types: attaching the
-//! sk_msg program to the pinned socket map so that the attachment belongs to
-//! the map (and outlives every process), and detaching it on unload.
+//! The bpf(2) commands this crate issues itself rather than through aya's
+//! types, on the kernel's own structures as aya generates them
+//! (`aya_obj::generated`): opening and pinning objects by path, attaching
+//! the sk_msg program to the pinned socket map (the attachment then
+//! belongs to the map and outlives every process) and detaching it, the
+//! per-pod cgroup links (created without aya's feature probes, which
+//! every pod start would pay), pointing a link at a new program, and the
+//! program IDs that tell which program a pin or link runs.
 
 use std::{
-    io,
-    os::fd::{AsRawFd, BorrowedFd},
+    ffi::CString,
+    io, mem,
+    os::{
+        fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+        unix::ffi::OsStrExt,
+    },
+    path::Path,
 };
 
-const BPF_PROG_ATTACH: libc::c_long = 8;
-const BPF_PROG_DETACH: libc::c_long = 9;
-/// `BPF_SK_MSG_VERDICT` in `enum bpf_attach_type`.
-pub const BPF_SK_MSG_VERDICT: u32 = 7;
+pub use aya_obj::generated::bpf_attach_type;
+use aya_obj::generated::{bpf_attr, bpf_cmd, bpf_link_info, bpf_prog_info};
 
-#[repr(C)]
-#[derive(Default)]
-struct AttachAttr {
-    target_fd: u32,
-    attach_bpf_fd: u32,
-    attach_type: u32,
-    attach_flags: u32,
-    replace_bpf_fd: u32,
+/// A bpf(2) command the kernel refused.
+#[derive(Debug, thiserror::Error)]
+#[error("bpf({call:?}) failed")]
+pub struct SyscallError {
+    /// The command, e.g. `BPF_LINK_UPDATE`.
+    pub call: bpf_cmd,
+    #[source]
+    pub source: io::Error,
 }
 
-fn bpf(cmd: libc::c_long, attr: &AttachAttr) -> io::Result<()> {
-    // SAFETY: `attr` is a valid, initialised bpf_attr prefix for both
-    // commands and its size is passed along.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *const AttachAttr,
-            std::mem::size_of::<AttachAttr>(),
-        )
-    };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
+impl SyscallError {
+    /// The errno the kernel answered with.
+    pub fn raw_os_error(&self) -> Option<i32> {
+        self.source.raw_os_error()
     }
 }
 
-/// Attaches `prog` to the socket map `map`. Attaching the program already
-/// there replaces it with itself, so this is idempotent.
-pub fn map_prog_attach(prog: BorrowedFd<'_>, map: BorrowedFd<'_>, attach_type: u32) -> io::Result<()> {
-    bpf(
-        BPF_PROG_ATTACH,
-        &AttachAttr {
-            target_fd: map.as_raw_fd() as u32,
-            attach_bpf_fd: prog.as_raw_fd() as u32,
-            attach_type,
-            ..Default::default()
-        },
-    )
+/// An all-zero `bpf_attr`: every command reads the fields it does not use
+/// as zero.
+fn zeroed_attr() -> bpf_attr {
+    // SAFETY: bpf_attr is a union of integer structs; all zeroes is valid.
+    unsafe { mem::zeroed() }
 }
 
-/// Detaches `prog` from the socket map `map`.
-pub fn map_prog_detach(prog: BorrowedFd<'_>, map: BorrowedFd<'_>, attach_type: u32) -> io::Result<()> {
-    bpf(
-        BPF_PROG_DETACH,
-        &AttachAttr {
-            target_fd: map.as_raw_fd() as u32,
-            attach_bpf_fd: prog.as_raw_fd() as u32,
-            attach_type,
-            ..Default::default()
-        },
-    )
-}
-
-const BPF_OBJ_PIN: libc::c_long = 6;
-const BPF_OBJ_GET: libc::c_long = 7;
-const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-const BPF_LINK_CREATE: libc::c_long = 28;
-const BPF_LINK_UPDATE: libc::c_long = 29;
-/// `BPF_CGROUP_SOCK_OPS` in `enum bpf_attach_type`.
-pub const BPF_CGROUP_SOCK_OPS: u32 = 3;
-
-#[repr(C)]
-#[derive(Default)]
-struct ObjAttr {
-    pathname: u64,
-    bpf_fd: u32,
-    file_flags: u32,
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct LinkCreateAttr {
-    prog_fd: u32,
-    target_fd: u32,
-    attach_type: u32,
-    flags: u32,
-    // The kernel reads the rest of the union as zero.
-    _rest: [u64; 4],
-}
-
-fn sys_bpf<T>(cmd: libc::c_long, attr: &T) -> io::Result<libc::c_long> {
-    // SAFETY: `attr` is a valid, initialised prefix of bpf_attr for `cmd`,
-    // and its size is passed along.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *const T, std::mem::size_of::<T>()) };
+/// The one bpf(2) wrapper: `cmd` with `attr`, its full size passed along.
+fn sys_bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> Result<libc::c_long, SyscallError> {
+    // SAFETY: `attr` is a valid, initialised bpf_attr; every pointer in it
+    // (path, info buffer) outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd as libc::c_long,
+            std::ptr::from_mut(attr),
+            mem::size_of::<bpf_attr>(),
+        )
+    };
     if rc < 0 {
-        Err(io::Error::last_os_error())
+        Err(SyscallError {
+            call: cmd,
+            source: io::Error::last_os_error(),
+        })
     } else {
         Ok(rc)
     }
 }
 
-fn owned(fd: libc::c_long) -> std::os::fd::OwnedFd {
+/// [`sys_bpf`] for the commands that return a new file descriptor.
+fn fd_sys_bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> Result<OwnedFd, SyscallError> {
+    let fd = sys_bpf(cmd, attr)?;
     // SAFETY: the kernel just returned this new fd to us.
-    unsafe { std::os::fd::FromRawFd::from_raw_fd(fd as i32) }
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
-/// `BPF_OBJ_GET`: opens a pinned object.
-pub fn obj_get(path: &std::path::Path) -> io::Result<std::os::fd::OwnedFd> {
-    let c = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str()))
-        .map_err(io::Error::other)?;
-    let attr = ObjAttr {
-        pathname: c.as_ptr() as u64,
-        ..Default::default()
-    };
-    sys_bpf(BPF_OBJ_GET, &attr).map(owned)
+fn fd(fd: BorrowedFd<'_>) -> u32 {
+    fd.as_raw_fd() as u32
 }
 
-/// `BPF_OBJ_PIN`: pins `fd` at `path`.
-pub fn obj_pin(fd: BorrowedFd<'_>, path: &std::path::Path) -> io::Result<()> {
-    let c = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str()))
-        .map_err(io::Error::other)?;
-    let attr = ObjAttr {
-        pathname: c.as_ptr() as u64,
-        bpf_fd: fd.as_raw_fd() as u32,
-        file_flags: 0,
-    };
-    sys_bpf(BPF_OBJ_PIN, &attr).map(|_| ())
+/// `path` as the kernel reads it; a path with a NUL byte is refused as
+/// the kernel would refuse it (`EINVAL`) without asking.
+fn c_path(call: bpf_cmd, path: &Path) -> Result<CString, SyscallError> {
+    CString::new(path.as_os_str().as_bytes()).map_err(|e| SyscallError {
+        call,
+        source: io::Error::new(io::ErrorKind::InvalidInput, e),
+    })
+}
+
+/// `BPF_OBJ_GET`: opens the object pinned at `path`.
+pub fn obj_get(path: &Path) -> Result<OwnedFd, SyscallError> {
+    let path = c_path(bpf_cmd::BPF_OBJ_GET, path)?;
+    let mut attr = zeroed_attr();
+    attr.__bindgen_anon_4.pathname = path.as_ptr() as u64;
+    fd_sys_bpf(bpf_cmd::BPF_OBJ_GET, &mut attr)
+}
+
+/// `BPF_OBJ_PIN`: pins `object` at `path`.
+pub fn obj_pin(object: BorrowedFd<'_>, path: &Path) -> Result<(), SyscallError> {
+    let path = c_path(bpf_cmd::BPF_OBJ_PIN, path)?;
+    let mut attr = zeroed_attr();
+    attr.__bindgen_anon_4.pathname = path.as_ptr() as u64;
+    attr.__bindgen_anon_4.bpf_fd = fd(object);
+    sys_bpf(bpf_cmd::BPF_OBJ_PIN, &mut attr).map(drop)
+}
+
+/// `BPF_PROG_ATTACH` (`attach`) or `BPF_PROG_DETACH` of `prog` on `target`.
+fn prog_attachment(
+    call: bpf_cmd,
+    prog: BorrowedFd<'_>,
+    target: BorrowedFd<'_>,
+    attach_type: bpf_attach_type,
+) -> Result<(), SyscallError> {
+    let mut attr = zeroed_attr();
+    attr.__bindgen_anon_5.__bindgen_anon_1.target_fd = fd(target);
+    attr.__bindgen_anon_5.attach_bpf_fd = fd(prog);
+    attr.__bindgen_anon_5.attach_type = attach_type as u32;
+    sys_bpf(call, &mut attr).map(drop)
+}
+
+/// `BPF_PROG_ATTACH` of `prog` to `target` (here: a socket map). Attaching
+/// the program already there replaces it with itself: idempotent.
+pub fn prog_attach(
+    prog: BorrowedFd<'_>,
+    target: BorrowedFd<'_>,
+    attach_type: bpf_attach_type,
+) -> Result<(), SyscallError> {
+    prog_attachment(bpf_cmd::BPF_PROG_ATTACH, prog, target, attach_type)
+}
+
+/// `BPF_PROG_DETACH` of `prog` from `target`.
+pub fn prog_detach(
+    prog: BorrowedFd<'_>,
+    target: BorrowedFd<'_>,
+    attach_type: bpf_attach_type,
+) -> Result<(), SyscallError> {
+    prog_attachment(bpf_cmd::BPF_PROG_DETACH, prog, target, attach_type)
 }
 
 /// `BPF_LINK_CREATE` of `prog` on `target` (a cgroup directory fd).
 pub fn link_create(
     prog: BorrowedFd<'_>,
     target: BorrowedFd<'_>,
-    attach_type: u32,
-) -> io::Result<std::os::fd::OwnedFd> {
-    let attr = LinkCreateAttr {
-        prog_fd: prog.as_raw_fd() as u32,
-        target_fd: target.as_raw_fd() as u32,
-        attach_type,
-        ..Default::default()
-    };
-    sys_bpf(BPF_LINK_CREATE, &attr).map(owned)
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct LinkUpdateAttr {
-    link_fd: u32,
-    new_prog_fd: u32,
-    flags: u32,
-    old_prog_fd: u32,
+    attach_type: bpf_attach_type,
+) -> Result<OwnedFd, SyscallError> {
+    let mut attr = zeroed_attr();
+    attr.link_create.__bindgen_anon_1.prog_fd = fd(prog);
+    attr.link_create.__bindgen_anon_2.target_fd = fd(target);
+    attr.link_create.attach_type = attach_type as u32;
+    fd_sys_bpf(bpf_cmd::BPF_LINK_CREATE, &mut attr)
 }
 
 /// `BPF_LINK_UPDATE`: points `link` at `prog` (same type and attach point).
-pub fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
-    let attr = LinkUpdateAttr {
-        link_fd: link.as_raw_fd() as u32,
-        new_prog_fd: prog.as_raw_fd() as u32,
-        ..Default::default()
-    };
-    sys_bpf(BPF_LINK_UPDATE, &attr).map(|_| ())
+pub fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> Result<(), SyscallError> {
+    let mut attr = zeroed_attr();
+    attr.link_update.link_fd = fd(link);
+    attr.link_update.__bindgen_anon_1.new_prog_fd = fd(prog);
+    sys_bpf(bpf_cmd::BPF_LINK_UPDATE, &mut attr).map(drop)
 }
 
-#[repr(C)]
-#[derive(Default)]
-struct InfoAttr {
-    bpf_fd: u32,
-    info_len: u32,
-    info: u64,
+/// The kernel's `bpf_*_info` structs: integers and unions of integers,
+/// for which all zeroes is a valid value.
+trait Info {}
+impl Info for bpf_prog_info {}
+impl Info for bpf_link_info {}
+
+/// `BPF_OBJ_GET_INFO_BY_FD` into `T`.
+fn info<T: Info>(object: BorrowedFd<'_>) -> Result<T, SyscallError> {
+    // SAFETY: `T` is one of the kernel's info structs (see `Info`).
+    let mut info: T = unsafe { mem::zeroed() };
+    let mut attr = zeroed_attr();
+    attr.info.bpf_fd = fd(object);
+    attr.info.info_len = mem::size_of::<T>() as u32;
+    attr.info.info = (&raw mut info) as u64;
+    sys_bpf(bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok(info)
 }
 
-/// The kernel ID of a program (`bpf_prog_info.id`) or, for a link, of the
-/// program it runs (`bpf_link_info.prog_id`).
-fn info_u32(fd: BorrowedFd<'_>, index: usize) -> io::Result<u32> {
-    // bpf_prog_info: type, id, ...; bpf_link_info: type, id, prog_id, ...
-    let mut info = [0u32; 4];
-    let attr = InfoAttr {
-        bpf_fd: fd.as_raw_fd() as u32,
-        info_len: std::mem::size_of_val(&info) as u32,
-        info: info.as_mut_ptr() as u64,
-    };
-    sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &attr)?;
-    Ok(info[index])
+/// The kernel ID of a program (`bpf_prog_info.id`).
+pub fn prog_id(prog: BorrowedFd<'_>) -> Result<u32, SyscallError> {
+    info::<bpf_prog_info>(prog).map(|i| i.id)
 }
 
-/// `bpf_prog_info.id` of a program fd.
-pub fn prog_id(prog: BorrowedFd<'_>) -> io::Result<u32> {
-    info_u32(prog, 1)
-}
-
-/// `bpf_link_info.prog_id` of a link fd: the program the link runs.
-pub fn link_prog_id(link: BorrowedFd<'_>) -> io::Result<u32> {
-    info_u32(link, 2)
+/// The ID of the program a link runs (`bpf_link_info.prog_id`).
+pub fn link_prog_id(link: BorrowedFd<'_>) -> Result<u32, SyscallError> {
+    info::<bpf_link_info>(link).map(|i| i.prog_id)
 }

@@ -4,7 +4,7 @@
 
 use aya::maps::{MapError, MapInfo};
 
-use crate::{loader::Node, pins};
+use crate::{maps::NodeMaps, pins};
 
 /// One map's entries and capacity.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -16,16 +16,17 @@ pub struct MapUsage {
 }
 
 /// The maps whose entries grow with pods and sockets, in the order
-/// [`Node::map_usage`] reports them. `mb_sk_state` (socket storage, one
+/// [`NodeMaps::map_usage`] reports them. `mb_sk_state` (socket storage, one
 /// value per socket, no key walk) and the one-entry `mb_config` and
 /// `mb_counters` are not among them.
-pub const COUNTED_MAPS: [&str; 6] = [
-    "mb_tx",
-    "mb_rx",
-    "mb_pairs",
-    "mb_endpoints",
-    "mb_pods",
-    "mb_netns",
+pub const COUNTED_MAPS: [&str; 7] = [
+    pins::MAP_SENDERS,
+    pins::MAP_TARGETS,
+    pins::MAP_PAIRS,
+    pins::MAP_ENDPOINTS,
+    pins::MAP_PODS,
+    pins::MAP_NETNS,
+    pins::MAP_PORTS,
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -36,22 +37,22 @@ pub struct UsageError {
     pub source: MapError,
 }
 
-impl Node {
+impl NodeMaps {
     /// Entries and capacity of each of [`COUNTED_MAPS`].
     pub fn map_usage(&self) -> Result<Vec<MapUsage>, UsageError> {
         let entries = [
-            self.tx.keys().filter(Result::is_ok).count(),
-            self.rx.keys().filter(Result::is_ok).count(),
+            self.senders.keys().filter(Result::is_ok).count(),
+            self.targets.keys().filter(Result::is_ok).count(),
             self.pairs.keys().filter(Result::is_ok).count(),
             self.endpoints.keys().filter(Result::is_ok).count(),
             self.pods.keys().filter(Result::is_ok).count(),
             self.netns.keys().filter(Result::is_ok).count(),
+            self.ports.keys().filter(Result::is_ok).count(),
         ];
         COUNTED_MAPS
             .iter()
             .zip(entries)
             .map(|(name, entries)| {
-                debug_assert!(pins::MAPS.contains(name));
                 let path = self.pins.map(name);
                 let info = MapInfo::from_pin(&path).map_err(|source| UsageError { path, source })?;
                 Ok(MapUsage {

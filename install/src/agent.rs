@@ -31,9 +31,10 @@ use std::{
 
 use anyhow::Context;
 use meshbypass_ebpf::{
-    Node,
+    NodeMaps,
     abi::KERNEL_PROBED,
-    loader::{self, LoadError, OpenError},
+    loader::{self, LoadError},
+    maps::OpenError,
 };
 use nix::{
     poll::{PollFd, PollFlags, PollTimeout, poll},
@@ -68,7 +69,7 @@ const SETTLE_MAX: Duration = Duration::from_millis(250);
 /// deleted (the manifest's grace period is 30 s).
 const REMOVAL_BUDGET: Duration = Duration::from_secs(5);
 
-type SharedNode = Arc<Mutex<Option<Node>>>;
+type SharedNode = Arc<Mutex<Option<NodeMaps>>>;
 
 pub fn run(root: &Path, opts: &RunOptions, log_format: LogFormat) -> anyhow::Result<()> {
     let mut mask = SigSet::empty();
@@ -163,7 +164,7 @@ fn load_reason(e: &LoadError) -> &'static str {
         LoadError::Open(_) | LoadError::Pin { .. } | LoadError::Rename { .. } | LoadError::Remove { .. } => {
             "pins"
         }
-        LoadError::Ebpf(_) | LoadError::Program { .. } | LoadError::AttachSkMsg(_) => "kernel-refused",
+        LoadError::Ebpf(_) | LoadError::Program { .. } | LoadError::AttachSkMsg { .. } => "kernel-refused",
         LoadError::Missing(_) => "object",
     }
 }

@@ -3,12 +3,7 @@
 use std::{path::Path, process::ExitCode, sync::Arc};
 
 use anyhow::Context;
-use meshbypass_ebpf::{
-    Node,
-    abi::KERNEL_PROBED,
-    loader::{self, OpenError},
-    selftest,
-};
+use meshbypass_ebpf::{NodeMaps, abi::KERNEL_PROBED, loader, maps::OpenError, selftest};
 use serde_json::json;
 
 use crate::{
@@ -50,7 +45,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Selftest { output } => {
             let report = run_selftest()?;
             // Record the verdict when the node is loaded here.
-            match Node::open(root) {
+            match NodeMaps::open(root) {
                 Ok(mut node) => node
                     .record_verdict(&report)
                     .context("recording the selftest verdict")?,

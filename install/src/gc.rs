@@ -15,7 +15,7 @@ use std::{
 };
 
 use meshbypass_ebpf::{
-    Node,
+    NodeMaps,
     attach::{AttachError, valid_link_name},
     pods::PodError,
 };
@@ -73,7 +73,7 @@ pub fn netns_gone(path: &Path) -> bool {
 }
 
 /// One pass over `state_dir`.
-pub fn collect(state_dir: &Path, node: &mut Node) -> Result<GcReport, GcError> {
+pub fn collect(state_dir: &Path, node: &mut NodeMaps) -> Result<GcReport, GcError> {
     let mut report = GcReport::default();
     let entries = match fs::read_dir(state_dir) {
         Ok(e) => e,
@@ -129,7 +129,7 @@ pub fn collect(state_dir: &Path, node: &mut Node) -> Result<GcReport, GcError> {
     Ok(report)
 }
 
-fn release(node: &mut Node, record: &Record) -> Result<(), GcError> {
+fn release(node: &mut NodeMaps, record: &Record) -> Result<(), GcError> {
     if valid_link_name(&record.container_id) {
         node.detach_cgroup(&record.container_id)
             .map_err(|source| GcError::Detach {

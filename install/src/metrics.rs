@@ -16,9 +16,10 @@ use std::{
 
 use meshbypass_cni::journal::{Decision, Entry};
 use meshbypass_ebpf::{
-    Counter, Node,
-    abi::{Config, KERNEL_HAZARDS, KERNEL_PROBED, LAYOUT_VERSION},
+    Counter, NodeMaps,
+    abi::{Config, KERNEL_PROBED, LAYOUT_VERSION},
     counters::Counters,
+    selftest::HAZARDS,
     usage::MapUsage,
 };
 
@@ -214,7 +215,7 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    pub fn read(node: &Node) -> Self {
+    pub fn read(node: &NodeMaps) -> Self {
         let config = node
             .config()
             .inspect_err(|e| log::warn!("metrics: cannot read mb_config: {e}"))
@@ -303,7 +304,7 @@ impl Out {
 }
 
 /// The families the datapath counters are exposed in.
-const DATAPATH_FAMILIES: [(&str, &str); 7] = [
+const DATAPATH_FAMILIES: [(&str, &str); 8] = [
     (
         "meshbypass_datapath_messages_total",
         "sendmsg calls of tracked sockets, by path: handed socket to socket (redirected) or left to the TCP stack (passthrough).",
@@ -318,7 +319,7 @@ const DATAPATH_FAMILIES: [(&str, &str); 7] = [
     ),
     (
         "meshbypass_datapath_fallbacks_total",
-        "Times the datapath left a connection, a socket or a direction to the TCP stack, by reason: pair-refused (ambiguous or unexplained join), map-full, redirect-failed (peer gone), receiver-full (its redirect queue over the bound), stack-bytes (bytes went through TCP unseen).",
+        "Times the datapath left a connection, a socket or a direction to the TCP stack, by reason: pair-refused (ambiguous or unexplained join), map-full, redirect-failed (peer gone), receiver-full (its redirect queue over the bound), stack-bytes (bytes went through TCP unseen), zerocopy (the sender uses SO_ZEROCOPY).",
     ),
     (
         "meshbypass_datapath_sockets_tracked_total",
@@ -331,6 +332,10 @@ const DATAPATH_FAMILIES: [(&str, &str); 7] = [
     (
         "meshbypass_datapath_resumed_total",
         "Directions redirected again after a full proxy receiver drained.",
+    ),
+    (
+        "meshbypass_datapath_adaptive_total",
+        "App sockets the adaptive mode let into the maps (admitted: non-blocking) or took out again (evicted: turned blocking).",
     ),
 ];
 
@@ -353,9 +358,12 @@ fn datapath_series(c: Counter) -> (&'static str, Option<(&'static str, &'static 
         Counter::RedirectFailed => (FALLBACKS, Some(("reason", "redirect-failed"))),
         Counter::ReceiverFull => (FALLBACKS, Some(("reason", "receiver-full"))),
         Counter::StackBytes => (FALLBACKS, Some(("reason", "stack-bytes"))),
+        Counter::Zerocopy => (FALLBACKS, Some(("reason", "zerocopy"))),
         Counter::SocketsTracked => (DATAPATH_FAMILIES[4].0, None),
         Counter::Sticky => (DATAPATH_FAMILIES[5].0, None),
         Counter::Resumed => (DATAPATH_FAMILIES[6].0, None),
+        Counter::Admitted => (DATAPATH_FAMILIES[7].0, Some(("event", "admitted"))),
+        Counter::Evicted => (DATAPATH_FAMILIES[7].0, Some(("event", "evicted"))),
     }
 }
 
@@ -521,11 +529,11 @@ pub fn render(stats: &Stats, node: Option<&Snapshot>) -> String {
             "gauge",
             "1 when the selftest found this hazard on the running kernel.",
         );
-        for (bit, name, _) in KERNEL_HAZARDS {
+        for hazard in &HAZARDS {
             out.sample(
                 "meshbypass_kernel_hazard",
-                &[("probe", name)],
-                Num::U(u64::from(cfg.kernel_flags & bit != 0)),
+                &[("probe", hazard.probe)],
+                Num::U(u64::from(cfg.kernel_flags & hazard.bit != 0)),
             );
         }
     }
@@ -715,7 +723,7 @@ mod tests {
         let snap = Snapshot {
             links: 3,
             config: Some(Config {
-                kernel_flags: KERNEL_PROBED | KERNEL_HAZARDS[1].0,
+                kernel_flags: KERNEL_PROBED | HAZARDS[1].bit,
                 ..Config::default()
             }),
             counters: Some(counters),
@@ -726,6 +734,7 @@ mod tests {
                 usage("mb_endpoints", 1, 65536),
                 usage("mb_pods", 3, 8192),
                 usage("mb_netns", 2, 4096),
+                usage("mb_ports", 0, 8192),
             ],
         };
         let text = render(&Stats::default(), Some(&snap));
@@ -757,6 +766,9 @@ mod tests {
             ("meshbypass_datapath_sockets_tracked_total", 100.0),
             ("meshbypass_datapath_sticky_directions_total", 110.0),
             ("meshbypass_datapath_resumed_total", 112.0),
+            ("meshbypass_datapath_adaptive_total{event=\"admitted\"}", 114.0),
+            ("meshbypass_datapath_adaptive_total{event=\"evicted\"}", 115.0),
+            ("meshbypass_datapath_fallbacks_total{reason=\"zerocopy\"}", 116.0),
             ("meshbypass_map_entries{map=\"mb_tx\"}", 5.0),
             ("meshbypass_map_capacity{map=\"mb_pairs\"}", 131072.0),
             ("meshbypass_map_entries{map=\"mb_netns\"}", 2.0),

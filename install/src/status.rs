@@ -14,10 +14,11 @@ use std::{
 use anyhow::Context;
 use meshbypass_cni::state::StateDir;
 use meshbypass_ebpf::{
-    Counter, Node,
+    Counter, NodeMaps,
     abi::{KERNEL_PROBED, KERNEL_SAFE_ALL, KERNEL_SAFE_MEMBER, LAYOUT_VERSION},
     counters::Counters,
-    loader::{self, OpenError},
+    loader,
+    maps::OpenError,
     selftest,
     usage::MapUsage,
 };
@@ -146,7 +147,7 @@ impl Status {
     /// used (another layout, incomplete, unreadable).
     pub fn read(root: &Path, state_dir: &Path) -> anyhow::Result<Self> {
         let kernel = selftest::kernel_release();
-        let node = match Node::open(root) {
+        let node = match NodeMaps::open(root) {
             Ok(node) => Some(node),
             Err(OpenError::NotLoaded { .. }) => None,
             Err(e) => return Err(e).context("opening the node's maps"),
@@ -202,8 +203,10 @@ impl Status {
             },
             auto: auto_mode(cfg.kernel_flags),
             hazards: selftest::hazards(cfg.kernel_flags)
-                .into_iter()
-                .map(|(probe, effect)| Hazard { probe, effect })
+                .map(|h| Hazard {
+                    probe: h.probe,
+                    effect: h.effect,
+                })
                 .collect(),
             pods: pod_list.len(),
             pod_list,

@@ -713,10 +713,7 @@ fn sha256(path: &Path) -> String {
 /// A pod UID (RFC 4122 form) unique to this process and pod name.
 fn pod_uid(name: &str) -> String {
     let u = unique(name);
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in u.bytes().chain(std::process::id().to_le_bytes()) {
-        h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
-    }
+    let h = meshbypass_ebpf::fnv1a(&[u.as_bytes(), &std::process::id().to_le_bytes()].concat());
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)

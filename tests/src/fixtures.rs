@@ -15,7 +15,7 @@ use std::{
     time::Duration,
 };
 
-use meshbypass_ebpf::{Mode, Node, PodEntry, counters::Counters, selftest};
+use meshbypass_ebpf::{Mode, NodeMaps, PodEntry, counters::Counters, selftest};
 
 use crate::{A_V4, B_V4, Cgroup, Netns, Peer, PodPair, sibling_bin, unique};
 
@@ -30,7 +30,7 @@ pub fn kernel_verdict() -> &'static selftest::Report {
 /// A private bpf root with the programs loaded; unloaded on drop.
 pub struct Root {
     pub path: PathBuf,
-    node: Mutex<Option<Node>>,
+    node: Mutex<Option<NodeMaps>>,
 }
 
 impl Root {
@@ -44,10 +44,10 @@ impl Root {
     }
 
     /// Runs `f` on the open handle (reopening it after [`Root::release`]).
-    pub fn with<T>(&self, f: impl FnOnce(&mut Node) -> T) -> T {
+    pub fn with<T>(&self, f: impl FnOnce(&mut NodeMaps) -> T) -> T {
         let mut guard = self.node.lock().unwrap_or_else(|e| e.into_inner());
         if guard.is_none() {
-            *guard = Some(Node::open(&self.path).expect("reopen the node's maps"));
+            *guard = Some(NodeMaps::open(&self.path).expect("reopen the node's maps"));
         }
         f(guard.as_mut().expect("an open node"))
     }
@@ -261,8 +261,27 @@ impl Bed {
         ]);
     }
 
-    /// Removes pod A's redirect, as DEL does (established flows keep their NAT).
+    /// Removes pod A's redirect, as DEL does; established flows keep their
+    /// NAT. They keep it only while something in the netns uses conntrack:
+    /// the REDIRECT rule is pod A's only user, and removing the last one
+    /// unhooks conntrack from the netns (`nf_ct_netns_put`), so the
+    /// redirected connections' next packets leave untranslated and pod B
+    /// resets them, with or without the bypass. A rule that only matches on
+    /// conntrack state (and changes nothing) keeps it hooked, as any other
+    /// conntrack user in a real pod would.
     pub fn remove_redirect_a(&self) {
+        self.pods.a.exec(&[
+            "iptables",
+            "-w",
+            "-A",
+            "INPUT",
+            "-m",
+            "conntrack",
+            "--ctstate",
+            "INVALID",
+            "-j",
+            "RETURN",
+        ]);
         self.pods.a.exec(&["iptables", "-w", "-t", "nat", "-F", "OUTPUT"]);
     }
 

@@ -21,8 +21,9 @@ pub mod cni;
 pub mod cri;
 pub mod fixtures;
 pub mod node;
+pub mod script;
 
-use meshbypass_ebpf::{Counter, Mode, Node, PodEntry, counters::Counters};
+use meshbypass_ebpf::{Counter, Mode, NodeMaps, PodEntry, counters::Counters};
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
@@ -197,7 +198,7 @@ pub fn remove_cgroup_dir(dir: &Path) {
 /// A private bpf root with the programs loaded; unloaded on drop.
 pub struct BpfRoot {
     pub path: PathBuf,
-    pub node: Mutex<Node>,
+    pub node: Mutex<NodeMaps>,
 }
 
 impl BpfRoot {

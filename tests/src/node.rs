@@ -138,8 +138,8 @@ impl SimNode {
         }
     }
 
-    pub fn node(&self) -> meshbypass_ebpf::Node {
-        meshbypass_ebpf::Node::open(&self.bpf_root).expect("the node's maps")
+    pub fn node(&self) -> meshbypass_ebpf::NodeMaps {
+        meshbypass_ebpf::NodeMaps::open(&self.bpf_root).expect("the node's maps")
     }
 
     pub fn counters(&self) -> meshbypass_ebpf::counters::Counters {

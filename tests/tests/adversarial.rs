@@ -14,147 +14,11 @@ use meshbypass_ebpf::{
     abi::{DRAIN_RECEIVER_READ, DRAIN_SENDER_ACKED},
     counters::Counters,
 };
-use meshbypass_tests::{fixtures::kernel_verdict, *};
-
-/// Two registered pods (Istio ports 15001/15006, proxy UID 1337) on a veth
-/// pair, the bypass attached to both cgroups. Drop order: cgroups, maps, netns
-/// (the test's scripts are locals declared later, so they go first).
-struct Bed {
-    cg_a: Cgroup,
-    cg_b: Cgroup,
-    root: BpfRoot,
-    pods: PodPair,
-    mode: Mode,
-}
-
-impl Bed {
-    fn new(mode: Mode) -> Self {
-        Self::with_options(mode, &LoadOptions::default())
-    }
-
-    fn with_options(mode: Mode, options: &LoadOptions) -> Self {
-        require_root();
-        let pods = PodPair::new();
-        let root = BpfRoot::load_with(options);
-        if mode == Mode::Auto {
-            root.node
-                .lock()
-                .unwrap()
-                .record_verdict(kernel_verdict())
-                .expect("record the selftest verdict");
-        }
-        let (cg_a, cg_b) = (Cgroup::new("ca"), Cgroup::new("cb"));
-        root.add_pod(&pods.a, &cg_a, &[A_V4, A_V6], mode);
-        root.add_pod(&pods.b, &cg_b, &[B_V4, B_V6], mode);
-        Self {
-            cg_a,
-            cg_b,
-            root,
-            pods,
-            mode,
-        }
-    }
-
-    /// Pod B's inbound redirect: TCP to `ports` goes to its proxy's 15006.
-    fn inbound_redirect(&self, ports: &str) {
-        self.pods.b.exec(&[
-            "iptables",
-            "-w",
-            "-t",
-            "nat",
-            "-A",
-            "PREROUTING",
-            "-p",
-            "tcp",
-            "-m",
-            "multiport",
-            "--dports",
-            ports,
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            "15006",
-        ]);
-    }
-
-    /// Pod A's outbound redirect: its apps' TCP to B's `ports` goes to its
-    /// proxy's 15001 (UID 1337 exempt).
-    fn outbound_redirect(&self, ports: &str) {
-        self.pods.a.exec(&[
-            "iptables",
-            "-w",
-            "-t",
-            "nat",
-            "-A",
-            "OUTPUT",
-            "-p",
-            "tcp",
-            "-d",
-            B_V4,
-            "-m",
-            "multiport",
-            "--dports",
-            ports,
-            "-m",
-            "owner",
-            "!",
-            "--uid-owner",
-            "1337",
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            "15001",
-        ]);
-    }
-
-    /// A script peer in pod `a` or `b`, as `uid` (None: root, an app).
-    fn script(&self, pod: char, uid: Option<u32>) -> Script {
-        let (ns, cg) = match pod {
-            'a' => (&self.pods.a, &self.cg_a),
-            'b' => (&self.pods.b, &self.cg_b),
-            _ => panic!("pod a or b"),
-        };
-        let who = format!("{pod}{}", if uid == Some(1337) { "-proxy" } else { "-app" });
-        Script {
-            peer: Peer::spawn(
-                &Place {
-                    ns,
-                    cgroup: &cg.path,
-                    uid,
-                },
-                "script",
-                &["--deadline-ms", "3000"],
-            ),
-            who,
-        }
-    }
-
-    fn counters(&self) -> Counters {
-        self.root.counters()
-    }
-}
-
-/// An `mb-peer script` process: named sockets, one command per line.
-struct Script {
-    peer: Peer,
-    who: String,
-}
-
-impl Script {
-    /// Runs a command that must succeed; returns what followed "ok".
-    fn ok(&mut self, cmd: &str) -> String {
-        let r = self.peer.ask(cmd);
-        match r.strip_prefix("ok") {
-            Some(rest) => rest.trim().to_string(),
-            None => panic!("{}: `{cmd}` -> {r}", self.who),
-        }
-    }
-
-    /// Runs a command and returns the whole reply.
-    fn ask(&mut self, cmd: &str) -> String {
-        self.peer.ask(cmd)
-    }
-}
+use meshbypass_tests::{
+    fixtures::kernel_verdict,
+    script::{Bed, Script},
+    *,
+};
 
 /// Bytes redirected since `before`.
 fn redirected_since(bed: &Bed, before: &Counters) -> u64 {
@@ -625,6 +489,7 @@ fn each_drain_condition_is_what_keeps_the_order() {
     assert_eq!(receiver_read_scenario(&all), "ok");
     let without = receiver_read_scenario(&LoadOptions {
         drain_checks: DRAIN_SENDER_ACKED,
+        ..all
     });
     assert!(
         without.starts_with("err differs at byte 0: got \"NEXT."),
@@ -633,6 +498,7 @@ fn each_drain_condition_is_what_keeps_the_order() {
     assert_eq!(sender_acked_scenario(&all), "ok");
     let without = sender_acked_scenario(&LoadOptions {
         drain_checks: DRAIN_RECEIVER_READ,
+        ..all
     });
     assert!(
         without.starts_with("err differs at byte 0: got \"AFTER."),

@@ -114,7 +114,7 @@ fn unload_leaves_no_pin_and_detaches_links() {
     let out = node_cmd(&["load", "--no-selftest"], &root.0);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let cg = Cgroup::new("ul");
-    let node = meshbypass_ebpf::Node::open(std::path::Path::new(&root.0)).unwrap();
+    let node = meshbypass_ebpf::NodeMaps::open(std::path::Path::new(&root.0)).unwrap();
     node.attach_cgroup(&cg.path, "container-1").unwrap();
     assert_eq!(node.links(), vec!["container-1".to_owned()]);
     let attached = sh(&["bpftool", "cgroup", "show", cg.path.to_str().unwrap()]);

@@ -4,7 +4,10 @@
 //! after each, a leak checker looks for anything left: link pins, pod
 //! registrations and pairing entries, cgroup attachments (bpftool), iptables
 //! chains in the surviving netns, state records and temp files, host-local
-//! IPAM reservations, veths on the bridge.
+//! IPAM reservations, veths on the bridge. Each kill records where it
+//! landed in ADD (the plugin's children right before it, its files, rules
+//! and link right after it), and each test fails when its kills missed the
+//! part of ADD it is about.
 //!
 //! The node here gets names of its own (bridge, subnet, bpf root, run dir,
 //! unique per process), so it never shares the conflist's fixed resources
@@ -227,9 +230,90 @@ fn config_for(node: &SimNode, plugin: &str, prev: Option<&Value>) -> Value {
     c
 }
 
-/// Runs our plugin's ADD and kills it with SIGKILL after `delay`; returns
-/// whether it had already finished.
-fn add_killed_after(node: &SimNode, att: &Attachment, prev: &Value, delay: Duration) -> bool {
+/// Where a kill -9 landed in an ADD: what ran right before it (the
+/// plugin's child processes) and what ADD had left right after it (its
+/// files; with `settle`, also its rules and link). ADD's steps in order:
+/// the record (a temp file renamed into place), the redirect (one
+/// `iptables-restore` per family, in the pod's netns), the bypass (the
+/// link pin and the registration), the record again, exit.
+#[derive(Debug, Default, Clone)]
+struct Landing {
+    /// The plugin had exited before the kill.
+    finished: bool,
+    /// `comm` of the plugin's children alive right before the kill.
+    children: Vec<String>,
+    /// `.<id>.tmp-<pid>` on disk after the kill: it died writing a record.
+    temp_record: bool,
+    /// `<id>.json` on disk after the kill.
+    record: bool,
+    /// Its chains in the pod's netns after the kill (with `settle` only).
+    rules: bool,
+    /// Its link pin after the kill (with `settle` only).
+    link: bool,
+}
+
+impl Landing {
+    /// The step of ADD the kill landed in.
+    fn step(&self) -> &'static str {
+        if self.finished {
+            "after ADD"
+        } else if !self.children.is_empty() {
+            "in iptables-restore"
+        } else if self.temp_record {
+            "writing a record"
+        } else if self.link {
+            "after the attach"
+        } else if self.rules {
+            "after the redirect"
+        } else if self.record {
+            "after the first record"
+        } else {
+            "before ADD wrote anything"
+        }
+    }
+}
+
+/// Children of `pid` (PID, comm), from /proc/*/stat. Only PIDs above the
+/// plugin's are read (children get later PIDs; after a PID wrap-around this
+/// finds fewer, never wrong ones): reading all of /proc would delay the kill.
+fn children_of(pid: u32) -> Vec<(u32, String)> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(child) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if child > pid
+            && let Some((ppid, comm)) = stat_of(child)
+            && ppid == pid
+        {
+            found.push((child, comm));
+        }
+    }
+    found
+}
+
+/// (PPID, comm) of a process; `None` once it is gone.
+fn stat_of(pid: u32) -> Option<(u32, String)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // `pid (comm) state ppid ...`; comm may hold spaces and parentheses.
+    let (head, tail) = stat.rsplit_once(") ")?;
+    let comm = head.split_once(" (")?.1.to_owned();
+    let ppid = tail.split_whitespace().nth(1)?.parse().ok()?;
+    Some((ppid, comm))
+}
+
+/// When to kill the plugin during ADD.
+#[derive(Clone, Copy, Debug)]
+enum Kill {
+    /// After this long.
+    After(Duration),
+    /// While it creates its `n`th temporary record (1: the first save, 2:
+    /// the one after the attach): see [`RecordTrap`].
+    Recording(usize),
+}
+
+/// Our plugin's ADD, running, its config written.
+fn spawn_add(node: &SimNode, att: &Attachment, prev: &Value) -> std::process::Child {
     let bin = sibling_bin("meshbypass");
     let mut child = Command::new(&bin)
         .env_clear()
@@ -249,55 +333,254 @@ fn add_killed_after(node: &SimNode, att: &Attachment, prev: &Value, delay: Durat
         .spawn()
         .expect("spawn the plugin");
     let config = config_for(node, "meshbypass", Some(prev)).to_string();
-    {
-        use std::io::Write;
-        let mut stdin = child.stdin.take().unwrap();
-        // The plugin may already be dead by the time we write: fine.
-        if let Err(e) = stdin.write_all(config.as_bytes()) {
-            assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe, "{e}");
-        }
+    use std::io::Write;
+    let mut stdin = child.stdin.take().unwrap();
+    // The plugin may already be dead by the time we write: fine.
+    if let Err(e) = stdin.write_all(config.as_bytes()) {
+        assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe, "{e}");
     }
+    child
+}
+
+/// Runs our plugin's ADD and kills it with SIGKILL after `delay`; says
+/// whether it had finished by then and which children it had running.
+fn add_killed_after(node: &SimNode, att: &Attachment, prev: &Value, delay: Duration) -> Landing {
+    let mut child = spawn_add(node, att, prev);
     std::thread::sleep(delay);
-    let finished = matches!(child.try_wait(), Ok(Some(_)));
-    if !finished {
+    let mut landing = Landing {
+        finished: matches!(child.try_wait(), Ok(Some(_))),
+        ..Landing::default()
+    };
+    if !landing.finished {
+        // Keep only the children still there right before the kill.
+        let pid = child.id();
+        landing.children = children_of(pid)
+            .into_iter()
+            .filter(|(c, _)| stat_of(*c).is_some_and(|(ppid, _)| ppid == pid))
+            .map(|(_, comm)| comm)
+            .collect();
         child.kill().expect("SIGKILL the plugin");
     }
     child.wait().expect("reap the plugin");
-    finished
+    landing
+}
+
+/// A fanotify permission watch on the state directory: every open there
+/// waits for our answer (FAN_OPEN_PERM), so the plugin can be killed while
+/// its open of a temporary record is held, after the file was created and
+/// before it could be written and renamed. Writing a record takes a few µs:
+/// no delay aims at that. The watch goes when this drops (held opens are
+/// then allowed).
+struct RecordTrap {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl RecordTrap {
+    fn new(dir: &Path) -> Self {
+        use std::os::fd::FromRawFd;
+        // SAFETY: plain syscalls; the fd is owned below.
+        let fd = unsafe {
+            libc::fanotify_init(
+                libc::FAN_CLASS_CONTENT | libc::FAN_CLOEXEC,
+                (libc::O_RDONLY | libc::O_CLOEXEC) as u32,
+            )
+        };
+        assert!(fd >= 0, "fanotify_init: {}", std::io::Error::last_os_error());
+        // SAFETY: fd was just returned and is ours.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid fd and NUL-terminated path.
+        let rc = unsafe {
+            libc::fanotify_mark(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                libc::FAN_MARK_ADD,
+                libc::FAN_OPEN_PERM | libc::FAN_EVENT_ON_CHILD,
+                libc::AT_FDCWD,
+                path.as_ptr(),
+            )
+        };
+        assert!(
+            rc == 0,
+            "fanotify_mark {}: {}",
+            dir.display(),
+            std::io::Error::last_os_error()
+        );
+        Self { fd }
+    }
+
+    /// Answers every open in the directory, killing `child` while its
+    /// `n`th open of a file whose name starts with `prefix` is held.
+    /// Returns whether that happened (false: the plugin exited first).
+    fn kill_at(&self, child: &mut std::process::Child, prefix: &str, n: usize) -> bool {
+        use std::os::fd::AsRawFd;
+        let fd = self.fd.as_raw_fd();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut seen = 0;
+        let mut buf = vec![0u8; 4096];
+        while Instant::now() < deadline {
+            let mut pfd = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one pollfd.
+            let ready = unsafe { libc::poll(&mut pfd, 1, 20) };
+            if ready <= 0 {
+                if matches!(child.try_wait(), Ok(Some(_))) {
+                    return false;
+                }
+                continue;
+            }
+            // SAFETY: reading into our buffer.
+            let len = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+            assert!(len > 0, "read fanotify: {}", std::io::Error::last_os_error());
+            let mut off = 0;
+            let mut fired = false;
+            while off < len as usize {
+                // SAFETY: the kernel wrote whole events; read_unaligned copes with the buffer's alignment.
+                let ev: libc::fanotify_event_metadata =
+                    unsafe { std::ptr::read_unaligned(buf[off..].as_ptr().cast()) };
+                assert_eq!(ev.vers, libc::FANOTIFY_METADATA_VERSION);
+                off += ev.event_len as usize;
+                let name = std::fs::read_link(format!("/proc/self/fd/{}", ev.fd))
+                    .ok()
+                    .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                    .unwrap_or_default();
+                if ev.pid as u32 == child.id() && name.starts_with(prefix) {
+                    seen += 1;
+                    if seen == n {
+                        // Killed while the open waits for our answer.
+                        child.kill().expect("SIGKILL the plugin");
+                        fired = true;
+                    }
+                }
+                let answer = libc::fanotify_response {
+                    fd: ev.fd,
+                    response: libc::FAN_ALLOW,
+                };
+                // SAFETY: writing one response; closing the event's fd, ours.
+                unsafe {
+                    libc::write(
+                        fd,
+                        (&answer as *const libc::fanotify_response).cast(),
+                        std::mem::size_of::<libc::fanotify_response>(),
+                    );
+                    libc::close(ev.fd);
+                }
+            }
+            if fired {
+                return true;
+            }
+        }
+        panic!("the plugin neither exited nor opened its record within 10 s");
+    }
+}
+
+/// Runs our plugin's ADD and kills it while it creates its `n`th temporary
+/// record.
+fn add_killed_recording(node: &SimNode, att: &Attachment, prev: &Value, n: usize) -> Landing {
+    let trap = RecordTrap::new(&node.state_dir);
+    let mut child = spawn_add(node, att, prev);
+    let fired = trap.kill_at(&mut child, &format!(".{}.tmp-", att.container_id), n);
+    child.wait().expect("reap the plugin");
+    drop(trap);
+    Landing {
+        finished: !fired,
+        ..Landing::default()
+    }
 }
 
 /// One killed ADD and its DEL. `settle`: wait, before DEL, until no
 /// iptables process the killed plugin started still runs in the pod's netns
-/// (a runtime does not wait: see the ignored test below).
-fn kill_then_del(node: &SimNode, i: usize, us: u64, settle: bool) -> (SimPod, bool) {
+/// (a runtime does not wait, and neither does
+/// add_killed_then_immediate_del_leaves_no_rules), and see what ADD left
+/// (rules, link) before DEL runs.
+fn kill_then_del(node: &SimNode, i: usize, kill: Kill, settle: bool) -> (SimPod, Landing) {
     let pod = SimPod::new(&format!("k{i}"), i % 2 == 1);
-    // The primary plugins run to completion, as the runtime would have.
-    let bridge_res = node
-        .rt
-        .exec("bridge", "ADD", Some(&pod.att), &config_for(node, "bridge", None))
-        .unwrap_or_else(|e| panic!("bridge ADD: {e:?}"));
-    let prev = node
-        .rt
-        .exec(
-            "portmap",
-            "ADD",
-            Some(&pod.att),
-            &config_for(node, "portmap", Some(&bridge_res)),
-        )
-        .unwrap_or_else(|e| panic!("portmap ADD: {e:?}"));
-    let killed = !add_killed_after(node, &pod.att, &prev, Duration::from_micros(us));
+    let prev = primary_add(node, &pod);
+    let mut landing = match kill {
+        Kill::After(delay) => add_killed_after(node, &pod.att, &prev, delay),
+        Kill::Recording(n) => add_killed_recording(node, &pod.att, &prev, n),
+    };
+    let id = &pod.att.container_id;
+    let temp = format!(".{id}.tmp-");
+    landing.temp_record = std::fs::read_dir(&node.state_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().starts_with(&temp));
+    landing.record = node.state_dir.join(format!("{id}.json")).exists();
     if settle {
         wait_for(
             "the killed plugin's iptables processes to exit",
             Duration::from_secs(10),
             || iptables_in(&pod.ns).is_empty(),
         );
+        landing.rules = pod.rules().contains("MESHBYPASS");
+        landing.link = node.bpf_root.exists() && node.node().links().contains(id);
     }
     // The runtime gives up on the ADD and deletes the sandbox, without a cached result.
     node.rt
         .del(&pod.att, None)
-        .unwrap_or_else(|e| panic!("DEL after a killed ADD ({us} µs): {e:?}"));
-    (pod, killed)
+        .unwrap_or_else(|e| panic!("DEL after a killed ADD ({kill:?}): {e:?}"));
+    (pod, landing)
+}
+
+/// The primary plugins' ADD (bridge, portmap), run to completion as the
+/// runtime would have: the `prevResult` our plugin gets.
+fn primary_add(node: &SimNode, pod: &SimPod) -> Value {
+    let bridge_res = node
+        .rt
+        .exec("bridge", "ADD", Some(&pod.att), &config_for(node, "bridge", None))
+        .unwrap_or_else(|e| panic!("bridge ADD: {e:?}"));
+    node.rt
+        .exec(
+            "portmap",
+            "ADD",
+            Some(&pod.att),
+            &config_for(node, "portmap", Some(&bridge_res)),
+        )
+        .unwrap_or_else(|e| panic!("portmap ADD: {e:?}"))
+}
+
+/// How long our plugin's ADD takes on this node now (the median of three,
+/// from spawn to exit; each pod is deleted again): the kill points are
+/// spread over it, so that they land in ADD on a slow or loaded machine as
+/// on a fast one (5-7 ms here when idle, over 40 ms under load).
+fn add_duration(node: &SimNode) -> Duration {
+    let mut took: Vec<Duration> = (0..3)
+        .map(|i| {
+            let pod = SimPod::new(&format!("t{i}"), i % 2 == 1);
+            let prev = primary_add(node, &pod);
+            let started = Instant::now();
+            let status = spawn_add(node, &pod.att, &prev).wait().expect("wait for ADD");
+            let took = started.elapsed();
+            assert!(status.success(), "an uninterrupted ADD failed: {status}");
+            node.rt
+                .del(&pod.att, None)
+                .unwrap_or_else(|e| panic!("DEL: {e:?}"));
+            took
+        })
+        .collect();
+    took.sort();
+    took[1]
+}
+
+/// How many kills landed in each step, in ADD's order.
+fn steps(landings: &[Landing]) -> Vec<(&'static str, usize)> {
+    let order = [
+        "before ADD wrote anything",
+        "writing a record",
+        "after the first record",
+        "in iptables-restore",
+        "after the redirect",
+        "after the attach",
+        "after ADD",
+    ];
+    order
+        .iter()
+        .map(|s| (*s, landings.iter().filter(|l| l.step() == *s).count()))
+        .collect()
 }
 
 /// PIDs of iptables programs running in `ns` (orphans of a killed plugin).
@@ -328,34 +611,60 @@ fn add_killed_at_any_point_then_del_leaves_nothing() {
     // (redirect, attach, record) rather than always in the node's first load.
     let mut warm = SimPod::new("warm", false);
     warm.add(&node);
-    let delays_us = kill_points();
-    let mut killed = 0;
+    let took = add_duration(&node);
+    let delays_us = kill_points(took);
+    let mut landings = Vec::new();
     let mut pods = Vec::new();
-    let mut temp_records = Vec::new();
     for (i, &us) in delays_us.iter().enumerate() {
-        let (pod, k) = kill_then_del(&node, i, us, true);
-        killed += usize::from(k);
-        let (temp, found): (Vec<String>, Vec<String>) =
-            leaks_of(&node, &pod).into_iter().partition(|l| is_temp_record(l));
+        let (pod, landing) = kill_then_del(&node, i, Kill::After(Duration::from_micros(us)), true);
+        // Temp records included: one left is a leak like any other.
+        let found = leaks_of(&node, &pod);
         assert!(
             found.is_empty(),
-            "leaks after ADD killed at {us} µs, then DEL: {found:#?}"
+            "leaks after ADD killed at {us} µs ({}), then DEL: {found:#?}",
+            landing.step()
         );
-        temp_records.extend(temp);
+        landings.push(landing);
         pods.push(pod);
     }
+    let steps = steps(&landings);
     eprintln!(
-        "{killed} of {} ADDs killed mid-way (the rest had finished), each followed by a clean DEL; \
-         known bug: {} temporary record file(s) left ({temp_records:?})",
+        "{} ADDs killed (an uninterrupted one took {:.1} ms), each followed by a clean DEL; \
+         where the kills landed: {steps:?}",
         delays_us.len(),
-        temp_records.len()
+        took.as_secs_f64() * 1e3
     );
-    for name in &temp_records {
-        // Removed here so that the final check sees the rest.
-        let file = name.trim_start_matches("state file ");
-        std::fs::remove_file(node.state_dir.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
-    }
-    assert!(killed > 0, "no ADD was killed mid-way: the delays are too long");
+    // The sweep must span ADD (a kill before it wrote anything, one after
+    // it finished) and land in each of its parts: the record (written,
+    // before the redirect), the redirect (iptables-restore: most of ADD),
+    // the bypass (the attach, then the last record; the split between the
+    // two steps varies from run to run). A record being written takes µs:
+    // no delay aims at it (add_killed_while_recording_leaves_no_temp_file
+    // does).
+    let hits = |wanted: &[&str]| -> usize {
+        steps
+            .iter()
+            .filter(|(step, _)| wanted.contains(step))
+            .map(|(_, hits)| hits)
+            .sum()
+    };
+    let parts: [(&str, &[&str]); 5] = [
+        ("before ADD", &["before ADD wrote anything"]),
+        ("the record", &["writing a record", "after the first record"]),
+        ("the redirect", &["in iptables-restore"]),
+        ("the bypass", &["after the redirect", "after the attach"]),
+        ("after ADD", &["after ADD"]),
+    ];
+    let missed: Vec<&str> = parts
+        .iter()
+        .filter(|(_, wanted)| hits(wanted) == 0)
+        .map(|(part, _)| *part)
+        .collect();
+    assert!(
+        missed.is_empty(),
+        "no kill landed in {missed:?} (where they landed: {steps:?}): the kill points \
+         no longer cover ADD"
+    );
     node.rt
         .del(&warm.att, warm.result.as_ref())
         .unwrap_or_else(|e| panic!("DEL: {e:?}"));
@@ -364,73 +673,87 @@ fn add_killed_at_any_point_then_del_leaves_nothing() {
     assert!(found.is_empty(), "{found:#?}");
 }
 
-/// KNOWN BUG (reported): killing the plugin during ADD leaves its
+/// Hazard 3 (fixed): killing the plugin during ADD used to leave its
 /// `iptables-restore` child running (reparented, not killed); when the
-/// runtime's DEL reads the rules before that orphan commits, DEL finds
-/// nothing to remove and the orphan then installs the whole redirect in the
-/// pod's netns, for good. Seen in about half of the runs on this machine
-/// (kill at ~2 ms). A fix: PR_SET_PDEATHSIG(SIGKILL) in the children the
-/// plugin runs (cni-plugin/src/redirect.rs), so they die with it; nft
-/// commits are atomic, so a killed restore either committed before DEL looks
-/// or never does.
+/// runtime's DEL read the rules before that orphan committed, DEL found
+/// nothing to remove and the orphan then installed the whole redirect in
+/// the pod's netns, for good (about half of the runs, kills at ~2 ms). The
+/// plugin's children now die with it (PR_SET_PDEATHSIG, redirect.rs). The
+/// test only counts if kills land while a restore runs: it fails when none
+/// did.
 #[test]
 fn add_killed_then_immediate_del_leaves_no_rules() {
     let node = stress_node();
     let mut warm = SimPod::new("warm", false);
     warm.add(&node);
     let mut pods = Vec::new();
+    let mut in_restore = 0;
+    let mut kills = 0;
     for round in 0..4 {
         for (i, us) in (1000..4000).step_by(250).enumerate() {
-            let (pod, _) = kill_then_del(&node, round * 100 + i, us, false);
+            let kill = Kill::After(Duration::from_micros(us));
+            let (pod, landing) = kill_then_del(&node, round * 100 + i, kill, false);
+            kills += 1;
+            in_restore += usize::from(!landing.children.is_empty());
             // Whatever the orphan does, it is done within a second.
             std::thread::sleep(Duration::from_millis(200));
             let found = leaks_of(&node, &pod);
-            assert!(found.is_empty(), "ADD killed at {us} µs, then DEL: {found:#?}");
+            assert!(
+                found.is_empty(),
+                "ADD killed at {us} µs ({landing:?}), then DEL: {found:#?}"
+            );
             pods.push(pod);
         }
     }
+    eprintln!("{in_restore} of {kills} kills landed while the plugin's iptables-restore ran");
+    assert!(
+        in_restore > 0,
+        "none of the {kills} kills landed while iptables-restore ran: the test checked nothing"
+    );
     node.rt.del(&warm.att, warm.result.as_ref()).unwrap();
 }
 
-/// `.<id>.tmp-<pid>`: a record being written when the plugin died.
-fn is_temp_record(leak: &str) -> bool {
-    leak.starts_with("state file .") && leak.contains(".tmp-")
-}
-
-/// KNOWN BUG (reported): a plugin killed while it writes the pod's record
-/// leaves `<stateDir>/.<id>.tmp-<pid>` (cni-plugin/src/state.rs writes a temp
-/// file, then renames it); DEL removes `<id>.json` only and GC lists `*.json`
-/// only, so the temp file stays for good (a few hundred bytes per killed
-/// ADD, on tmpfs until reboot). A fix: DEL (and GC) also remove
-/// `.<id>.tmp-*`.
+/// Hazard 4 (fixed): a plugin killed while it wrote the pod's record left
+/// `<stateDir>/.<id>.tmp-<pid>` (state.rs writes a temp file, then renames
+/// it), which DEL and GC did not remove. DEL now does. The kill is aimed
+/// with a fanotify permission watch ([`RecordTrap`]): it lands while the
+/// plugin creates its first, then its second temporary record (a sweep of
+/// delays never hit that window here: 0 of 200 kills); every kill must have
+/// left the file for DEL to find.
 #[test]
 fn add_killed_while_recording_leaves_no_temp_file() {
     let node = stress_node();
     let mut warm = SimPod::new("warm", false);
     warm.add(&node);
     let mut pods = Vec::new();
-    for round in 0..2 {
-        for (i, us) in (500..4500).step_by(40).enumerate() {
-            let (pod, _) = kill_then_del(&node, round * 1000 + i, us, true);
-            let temp: Vec<String> = leaks_of(&node, &pod)
-                .into_iter()
-                .filter(|l| is_temp_record(l))
-                .collect();
-            assert!(temp.is_empty(), "ADD killed at {us} µs, then DEL: {temp:?}");
-            pods.push(pod);
-        }
+    for i in 0..8 {
+        // The first save (before the redirect) and the second (after the attach).
+        let nth = 1 + i % 2;
+        let (pod, landing) = kill_then_del(&node, i, Kill::Recording(nth), true);
+        assert!(
+            landing.temp_record,
+            "the kill at record write {nth} left no temp record: it landed {} ({landing:?})",
+            landing.step()
+        );
+        let found = leaks_of(&node, &pod);
+        assert!(
+            found.is_empty(),
+            "ADD killed writing record {nth}, then DEL: {found:?}"
+        );
+        pods.push(pod);
     }
     node.rt.del(&warm.att, warm.result.as_ref()).unwrap();
 }
 
-/// Kill points: every 250 µs over the first 12 ms (an ADD takes a few ms
-/// here), then a few later ones.
-fn kill_points() -> Vec<u64> {
+/// Kill points (µs) for an ADD that takes `took`: 40 (120 in full) evenly
+/// over that time, then three later ones.
+fn kill_points(took: Duration) -> Vec<u64> {
     let full = std::env::var("MESHBYPASS_TORTURE").is_ok_and(|v| v == "full");
-    let step = if full { 100 } else { 400 };
-    (0..12_000)
-        .step_by(step)
-        .chain([15_000, 20_000, 30_000])
+    let n: u64 = if full { 120 } else { 40 };
+    let took = took.as_micros() as u64;
+    (0..n)
+        .map(|i| took * i / n)
+        .chain([took * 3 / 2, took * 2, took * 3])
         .collect()
 }
 

@@ -22,8 +22,12 @@ use meshbypass_ebpf::{
     Counter, Mode,
     abi::{Addr, Endpoint, EndpointKey, Pair, SockKey},
     counters::Counters,
+    selftest,
 };
-use meshbypass_tests::{fixtures::Bed, *};
+use meshbypass_tests::{
+    fixtures::{self, Bed},
+    *,
+};
 use serde_json::Value;
 
 fn full() -> bool {
@@ -43,6 +47,8 @@ struct Row {
     conns: u64,
     bytes: u64,
     redirected: u64,
+    /// The least `redirected` may be, where the row checks it.
+    floor: Option<u64>,
     hangs: u64,
     lost: u64,
     corrupt: u64,
@@ -78,15 +84,37 @@ fn delta(a: &Counters, b: &Counters, c: Counter) -> u64 {
     b.get(c).saturating_sub(a.get(c))
 }
 
-/// A row from a torture report. `cut_ok`: connections cut on purpose
-/// (a killed proxy) may end early or with an error; never with wrong bytes.
-fn row(scenario: &str, bed: &Bed, v: &Value, before: &Counters, after: &Counters, cut_ok: bool) -> Row {
+/// What a row accepts besides clean exchanges.
+#[derive(Clone, Copy)]
+enum Expect<'a> {
+    /// Every exchange completes with the right bytes.
+    Clean,
+    /// Connections cut on purpose (a killed proxy) may end early (EOF) or
+    /// with a reset, as without the bypass; never hang, never with wrong bytes.
+    Cut,
+    /// A baseline row (the bypass off): what the environment does to the
+    /// scenario (netfilter) is shown, not failed; wrong bytes still fail.
+    Baseline,
+    /// A known hazard the row reproduces on purpose: hangs, lost bytes and
+    /// errors are shown and judged by the scenario; wrong bytes fail.
+    Hazard,
+    /// Hangs, lost bytes and errors are accepted only where this row's
+    /// baseline (the same scenario with the bypass off, in the same run)
+    /// had the same kind of failure, and at most `cap` of them (the
+    /// connections the event could reach); they are shown beside the
+    /// baseline's figures. Wrong bytes fail.
+    LikeBaseline { baseline: &'a Row, cap: u64 },
+}
+
+/// A row from a torture report.
+fn row(scenario: &str, bed: &Bed, v: &Value, before: &Counters, after: &Counters, expect: Expect<'_>) -> Row {
     let mut r = Row {
         scenario: scenario.into(),
         mode: bed.label(),
         conns: n(v, "conns"),
         bytes: n(v, "bytes"),
         redirected: delta(before, after, Counter::RedirectedBytes),
+        floor: None,
         hangs: n(v, "hangs"),
         lost: n(v, "lost"),
         corrupt: n(v, "corrupt") + n(v, "extra"),
@@ -94,20 +122,74 @@ fn row(scenario: &str, bed: &Bed, v: &Value, before: &Counters, after: &Counters
         verdict: PASS.into(),
         note: String::new(),
     };
-    let bad = r.hangs > 0 || r.corrupt > 0 || (!cut_ok && (r.lost > 0 || r.errors > 0));
-    if bad {
-        r.verdict = "FAIL".into();
-        r.note = format!("{}", v["samples"]);
+    let failures = r.hangs + r.lost + r.errors;
+    let samples = format!("{}", v["samples"]);
+    if r.corrupt > 0 {
+        fail(&mut r, format!("wrong bytes: {samples}"));
     }
-    if cut_ok {
-        // A connection cut on purpose ends early (EOF) or with a reset, as
-        // without the bypass: not lost bytes, as long as what came was right.
-        r.lost = 0;
-        r.errors = 0;
+    match expect {
+        Expect::Clean if failures > 0 => fail(&mut r, &samples),
+        Expect::Clean => {}
+        Expect::Cut => {
+            if r.hangs > 0 {
+                fail(&mut r, &samples);
+            }
+            // Cut on purpose: not lost bytes, as long as what came was right.
+            r.lost = 0;
+            r.errors = 0;
+        }
+        Expect::Baseline if failures > 0 => {
+            if !r.failed() {
+                r.verdict = "NETFILTER (bypass off)".into();
+            }
+            note(&mut r, &samples);
+        }
+        Expect::Baseline => {}
+        Expect::Hazard if failures > 0 => note(&mut r, &samples),
+        Expect::Hazard => {}
+        Expect::LikeBaseline { baseline: b, cap } if failures > 0 => {
+            let kinds = [
+                ("hangs", r.hangs, b.hangs),
+                ("lost", r.lost, b.lost),
+                ("errors", r.errors, b.errors),
+            ];
+            let unmatched: Vec<String> = kinds
+                .iter()
+                .filter(|(_, here, base)| *here > 0 && *base == 0)
+                .map(|(kind, here, _)| format!("{here} {kind}"))
+                .collect();
+            let side_by_side = format!(
+                "here {} hangs, {} lost, {} errors; the baseline (bypass off, same run) {} hangs, {} lost, \
+                 {} errors",
+                r.hangs, r.lost, r.errors, b.hangs, b.lost, b.errors
+            );
+            if !unmatched.is_empty() {
+                fail(
+                    &mut r,
+                    format!(
+                        "{} the baseline does not have ({side_by_side}): {samples}",
+                        unmatched.join(", ")
+                    ),
+                );
+            } else if failures > cap {
+                fail(
+                    &mut r,
+                    format!(
+                        "{failures} connections failed, more than the {cap} the event could reach \
+                         ({side_by_side}): {samples}"
+                    ),
+                );
+            } else {
+                if !r.failed() {
+                    r.verdict = "NETFILTER (baseline too)".into();
+                }
+                note(&mut r, format!("{side_by_side}: {samples}"));
+            }
+        }
+        Expect::LikeBaseline { .. } => {}
     }
     if r.conns == 0 {
-        r.verdict = "FAIL".into();
-        r.note = "no connection ran".into();
+        fail(&mut r, "no connection ran");
     }
     r
 }
@@ -148,11 +230,126 @@ fn check_drained_within(bed: &Bed, r: &mut Row, within: Duration) {
     }
 }
 
-/// The traffic reached the bypass (a scenario that redirects nothing tests nothing).
-fn check_redirected(r: &mut Row) {
-    if r.redirected == 0 && !r.failed() && !r.mode.starts_with("off") {
-        fail(r, "nothing was redirected");
+/// Share (in %) of what the redirectable legs carried that the counters
+/// must show as redirected: "most of it". A direction whose first bytes beat
+/// the pairing stays on the stack until both paths drained, into an app
+/// socket for the socket's life (DESIGN.md, invariant 2), a legal and rare
+/// fallback (first-bytes counts such directions: 0 in the recorded runs);
+/// the rest of the 100 % is room for that, not for a bypass that redirects
+/// only part of the traffic.
+const MOST_PCT: u64 = 90;
+
+/// The redirect queue a receiver may hold before its direction goes back to
+/// the stack (`receiver_full`): max(sk_rcvbuf, 1 MiB). A leg into a stalled
+/// reader therefore redirects more than this before it stops.
+const RECEIVER_FLOOR: u64 = MIB;
+
+/// A socket of the beds: in the client's pod A or the server's pod B, the
+/// app's or the sidecar's (UID 1337).
+#[derive(Clone, Copy)]
+struct Sock {
+    pod_a: bool,
+    proxy: bool,
+}
+
+const APP_A: Sock = Sock {
+    pod_a: true,
+    proxy: false,
+};
+const PROXY_A: Sock = Sock {
+    pod_a: true,
+    proxy: true,
+};
+const PROXY_B: Sock = Sock {
+    pod_a: false,
+    proxy: true,
+};
+const APP_B: Sock = Sock {
+    pod_a: false,
+    proxy: false,
+};
+
+/// How many directions of one exchange the bypass can redirect:
+/// (client to server, server to client), summed over the TCP legs an
+/// exchange crosses. Direct: app A - app B. Mesh: app A - sidecar A
+/// (pod A's redirect), sidecar A - sidecar B, sidecar B - app B; without pod
+/// A's redirect (`a_rules` false) app A connects to pod B, whose sidecar
+/// takes it: app A - sidecar B, sidecar B - app B. A direction can be
+/// redirected when both pods carry the bypass (`a_bypass`: pod A not
+/// DELeted), its sender may send redirected (`mb_tx`: any socket in `all`,
+/// proxies, and apps where the kernel is SAFE_MEMBER) and its receiver may
+/// be redirected into (`mb_rx`: any socket in `all`, proxies otherwise).
+/// `auto` is `all` where this kernel's selftest passed, else proxy-only
+/// (meshbypass.bpf.c, `effective_mode` and `on_established`).
+fn redirectable(mode: Mode, sidecars: bool, a_bypass: bool, a_rules: bool) -> (u64, u64) {
+    let (all, member) = match mode {
+        Mode::Off => return (0, 0),
+        Mode::All => (true, false),
+        // The beds record the kernel's verdict for auto only. Adaptive
+        // redirects into proxies, and into apps only while they are safe
+        // members: at least what proxy-only does (no bed uses it yet).
+        Mode::ProxyOnly | Mode::Adaptive => (false, false),
+        Mode::Auto => {
+            let v = fixtures::kernel_verdict();
+            (v.safe_all, v.safe_member)
+        }
+    };
+    let attached = |s: Sock| !s.pod_a || a_bypass;
+    let tx = |s: Sock| attached(s) && (all || s.proxy || member);
+    let rx = |s: Sock| attached(s) && (all || s.proxy);
+    let legs: &[(Sock, Sock)] = match (sidecars, a_rules) {
+        (false, _) => &[(APP_A, APP_B)],
+        (true, true) => &[(APP_A, PROXY_A), (PROXY_A, PROXY_B), (PROXY_B, APP_B)],
+        (true, false) => &[(APP_A, PROXY_B), (PROXY_B, APP_B)],
+    };
+    legs.iter().fold((0, 0), |(fwd, back), &(c, s)| {
+        (fwd + u64::from(tx(c) && rx(s)), back + u64::from(tx(s) && rx(c)))
+    })
+}
+
+/// Echo directions of an exchange on `bed` as it was set up.
+fn echo_directions(bed: &Bed) -> u64 {
+    let (fwd, back) = redirectable(bed.mode, bed.sidecars, true, true);
+    fwd + back
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / MIB as f64)
+}
+
+/// The bytes redirected against what the scenario sent: at least `pct` %
+/// of `carried` (for exchanges, the bytes times the directions that could
+/// redirect them, and `pct` [`MOST_PCT`]); exactly 0 where nothing can be
+/// redirected (`carried` 0: a baseline, or a mode that leaves every socket
+/// of the bed out).
+fn check_redirected(r: &mut Row, carried: u64, pct: u64, how: &str) {
+    let floor = carried * pct / 100;
+    r.floor = Some(floor);
+    if carried == 0 {
+        if r.redirected != 0 {
+            let got = r.redirected;
+            fail(r, format!("{got} B redirected where nothing can be ({how})"));
+        }
+    } else if r.redirected < floor {
+        let got = mib(r.redirected);
+        fail(
+            r,
+            format!("only {got} redirected, below {} ({pct} % of {how})", mib(floor)),
+        );
     }
+}
+
+/// [`check_redirected`] for echo exchanges: every byte the row checked
+/// crossed each redirectable direction once.
+fn check_echo_redirected(bed: &Bed, r: &mut Row) {
+    let k = echo_directions(bed);
+    let bytes = r.bytes;
+    check_redirected(
+        r,
+        k * bytes,
+        MOST_PCT,
+        &format!("{k} directions x {}", mib(bytes)),
+    );
 }
 
 const ALL_DIRECT: (Mode, bool) = (Mode::All, false);
@@ -162,17 +359,30 @@ const AUTO_MESH: (Mode, bool) = (Mode::Auto, true);
 const OFF_MESH: (Mode, bool) = (Mode::Off, true);
 const BEDS: [(Mode, bool); 3] = [ALL_DIRECT, ALL_MESH, AUTO_MESH];
 
+/// Echo exchanges (`mb-peer torture` with `args`) on `bed`, checked byte
+/// for byte and against the redirect floor; returns the row, the client's
+/// report and the counters before and after.
+fn exchanges(
+    bed: &Bed,
+    scenario: &str,
+    args: &[&str],
+    timeout: Duration,
+) -> (Row, Value, Counters, Counters) {
+    let before = bed.root.counters();
+    let v = torture(bed, args, timeout);
+    let after = bed.root.counters();
+    let mut r = row(scenario, bed, &v, &before, &after, Expect::Clean);
+    check_echo_redirected(bed, &mut r);
+    (r, v, before, after)
+}
+
 /// Plain exchanges with `args` on each bed, drained afterwards.
 fn simple(scenario: &str, beds: &[(Mode, bool)], args: &[&str], timeout: Duration) -> Vec<Row> {
     beds.iter()
         .map(|&(mode, sidecars)| {
             let bed = Bed::new(mode, sidecars, &[]);
-            let before = bed.root.counters();
-            let v = torture(&bed, args, timeout);
-            let after = bed.root.counters();
-            let mut r = row(scenario, &bed, &v, &before, &after, false);
+            let (mut r, v, _, _) = exchanges(&bed, scenario, args, timeout);
             note(&mut r, format!("{} ms", n(&v, "ms")));
-            check_redirected(&mut r);
             check_drained(&bed, &mut r);
             r
         })
@@ -210,9 +420,9 @@ fn writers() -> Vec<Row> {
             &["mixed"]
         };
         for writer in writers {
-            let before = bed.root.counters();
-            let v = torture(
+            let (mut r, _, _, _) = exchanges(
                 &bed,
+                &format!("writer {writer}"),
                 &[
                     "--conns",
                     conns,
@@ -227,9 +437,6 @@ fn writers() -> Vec<Row> {
                 ],
                 Duration::from_secs(budget(120, 1200)),
             );
-            let after = bed.root.counters();
-            let mut r = row(&format!("writer {writer}"), &bed, &v, &before, &after, false);
-            check_redirected(&mut r);
             check_drained(&bed, &mut r);
             rows.push(r);
         }
@@ -243,9 +450,9 @@ fn concurrent() -> Vec<Row> {
     let mut rows = Vec::new();
     for (mode, sidecars) in BEDS {
         let bed = Bed::new(mode, sidecars, &[]);
-        let before = bed.root.counters();
-        let v = torture(
+        let (mut r, v, _, _) = exchanges(
             &bed,
+            &format!("{conns} concurrent (held open)"),
             &[
                 "--conns",
                 conns,
@@ -261,21 +468,11 @@ fn concurrent() -> Vec<Row> {
             ],
             Duration::from_secs(budget(180, 1200)),
         );
-        let after = bed.root.counters();
-        let mut r = row(
-            &format!("{conns} concurrent (held open)"),
-            &bed,
-            &v,
-            &before,
-            &after,
-            false,
-        );
         let peak = n(&v, "peak_open");
         note(&mut r, format!("peak {peak} open, {} ms", n(&v, "ms")));
         if peak < conns.parse().unwrap() {
             fail(&mut r, format!("only {peak} connections were open at once"));
         }
-        check_redirected(&mut r);
         check_drained(&bed, &mut r);
         rows.push(r);
     }
@@ -314,9 +511,11 @@ fn rst() -> Vec<Row> {
     let mut rows = Vec::new();
     for (mode, sidecars) in BEDS {
         let bed = Bed::new(mode, sidecars, &[]);
-        let before = bed.root.counters();
-        let v = torture(
+        // The floor counts the completed exchanges only; the reset ones
+        // add what they sent before the reset.
+        let (mut r, v, _, _) = exchanges(
             &bed,
+            "half-close + RST mid-stream (1 in 3)",
             &[
                 "--conns",
                 conns,
@@ -333,21 +532,12 @@ fn rst() -> Vec<Row> {
             ],
             Duration::from_secs(budget(60, 600)),
         );
-        let after = bed.root.counters();
-        let mut r = row(
-            "half-close + RST mid-stream (1 in 3)",
-            &bed,
-            &v,
-            &before,
-            &after,
-            false,
-        );
         let aborted = n(&v, "aborted");
         note(&mut r, format!("{aborted} reset, the rest half-closed"));
-        if aborted == 0 {
-            fail(&mut r, "no connection was reset");
+        let want = conns.parse::<u64>().unwrap() / 3;
+        if aborted != want {
+            fail(&mut r, format!("{aborted} connections were reset, not {want}"));
         }
-        check_redirected(&mut r);
         check_drained(&bed, &mut r);
         // The servers and proxies got over the resets.
         let v = torture(
@@ -368,9 +558,9 @@ fn first_bytes() -> Vec<Row> {
     let mut rows = Vec::new();
     for (mode, sidecars) in BEDS {
         let bed = Bed::new(mode, sidecars, &[]);
-        let before = bed.root.counters();
-        let v = torture(
+        let (mut r, _, before, after) = exchanges(
             &bed,
+            "first byte right after connect",
             &[
                 "--conns",
                 conns,
@@ -385,8 +575,6 @@ fn first_bytes() -> Vec<Row> {
             ],
             Duration::from_secs(budget(60, 600)),
         );
-        let after = bed.root.counters();
-        let mut r = row("first byte right after connect", &bed, &v, &before, &after, false);
         note(
             &mut r,
             format!(
@@ -394,7 +582,6 @@ fn first_bytes() -> Vec<Row> {
                 delta(&before, &after, Counter::Sticky)
             ),
         );
-        check_redirected(&mut r);
         check_drained(&bed, &mut r);
         rows.push(r);
     }
@@ -557,12 +744,20 @@ fn slow_reader() -> Vec<Row> {
                 );
             }
         }
-        if mode != Mode::Off {
-            check_redirected(&mut r);
+        // Every leg that carries the flood redirects past the receiver's
+        // floor before it stops (or carries the whole flood redirected).
+        let (legs, _) = redirectable(mode, sidecars, true, true);
+        check_redirected(
+            &mut r,
+            legs * RECEIVER_FLOOR.min(bytes),
+            100,
+            &format!("{legs} legs x the receiver's 1 MiB floor"),
+        );
+        let full = delta(&before, &after, Counter::ReceiverFull);
+        note(&mut r, format!("receiver_full +{full}"));
+        if mode != Mode::Off && full == 0 {
             // Held back by the bound, not by luck.
-            if delta(&before, &after, Counter::ReceiverFull) == 0 {
-                fail(&mut r, "receiver_full did not count: the bound never acted");
-            }
+            fail(&mut r, "receiver_full did not count: the bound never acted");
         }
         check_drained(&bed, &mut r);
         rows.push(r);
@@ -593,64 +788,124 @@ fn splice_fionread() -> Vec<Row> {
             echo_args.push("--blocking");
         }
         let bed = Bed::new(mode, mode == Mode::Auto, &echo_args);
-        let before = bed.root.counters();
-        let v = torture(&bed, &args, Duration::from_secs(budget(120, 1200)));
-        let after = bed.root.counters();
-        let mut r = row(
+        let (mut r, _, _, _) = exchanges(
+            &bed,
             &format!(
                 "{reader}() reader{}",
                 if blocking { ", blocking app" } else { "" }
             ),
-            &bed,
-            &v,
-            &before,
-            &after,
-            false,
+            &args,
+            Duration::from_secs(budget(120, 1200)),
         );
-        check_redirected(&mut r);
         check_drained(&bed, &mut r);
         rows.push(r);
     }
-    // The documented hazard: a splice reader under `all` (the explicit opt-in
-    // for apps that do not splice). Reported, never a failure.
+    rows.push(splice_hazard());
+    rows
+}
+
+/// The documented hazard: a splice() reader under `all` (the explicit
+/// opt-in for apps that do not splice). What the row expects comes from the
+/// kernel's own selftest (its `splice-reader` probe): where the probe
+/// passes, every exchange must complete as in any other row; where it
+/// reports the hazard, every connection whose data was redirected must hit
+/// it (hang, or end early), and the row shows it as a known hazard. Wrong
+/// bytes always fail, and so do a redirect count below what the client
+/// sent and maps that do not drain.
+fn splice_hazard() -> Row {
+    const CONNS: u64 = 4;
+    const SIZE: u64 = 65536;
+    let verdict = fixtures::kernel_verdict();
+    let probe = verdict
+        .probes
+        .iter()
+        .find(|p| p.name == "splice-reader")
+        .unwrap_or_else(|| panic!("the selftest has no splice-reader probe: {verdict:?}"));
     let bed = Bed::new(Mode::All, false, &["--reader", "splice", "--deadline-ms", "3000"]);
     let before = bed.root.counters();
+    let size = SIZE.to_string();
     let v = torture(
         &bed,
         &[
             "--conns",
-            "4",
+            &CONNS.to_string(),
             "--concurrency",
-            "4",
+            &CONNS.to_string(),
             "--min-size",
-            "65536",
+            &size,
             "--max-size",
-            "65536",
+            &size,
             "--deadline-ms",
             "5000",
         ],
         Duration::from_secs(60),
     );
     let after = bed.root.counters();
+    let hazard = match probe.outcome {
+        selftest::Outcome::Pass => false,
+        selftest::Outcome::Fail | selftest::Outcome::Hang => true,
+        selftest::Outcome::Inconclusive => panic!(
+            "the selftest's splice-reader probe was inconclusive ({}): this row cannot know what to expect",
+            probe.detail
+        ),
+    };
+    let title = "splice() reader (hazard, opt-in only)";
     let mut r = row(
-        "splice() reader (hazard, opt-in only)",
+        title,
         &bed,
         &v,
         &before,
         &after,
-        true,
+        if hazard { Expect::Hazard } else { Expect::Clean },
     );
-    let hit = n(&v, "hangs") + n(&v, "lost") + n(&v, "errors");
-    r.verdict = if hit > 0 {
-        "HAZARD (known)".into()
-    } else {
-        PASS.into()
-    };
-    r.note = format!(
-        "{hit} of 4 connections hung or read EOF early; all is for apps without splice(), auto keeps them out of the maps"
+    let hit = r.hangs + r.lost + r.errors;
+    // A direction whose first bytes beat the pairing stays on the stack:
+    // its connection cannot meet the hazard.
+    let sticky = delta(&before, &after, Counter::Sticky);
+    let exposed = CONNS.saturating_sub(sticky);
+    note(
+        &mut r,
+        format!(
+            "selftest: splice-reader {:?}; {hit} of {CONNS} connections hung or ended early, \
+             {sticky} directions stayed on the stack",
+            probe.outcome
+        ),
     );
-    rows.push(r);
-    rows
+    if hazard {
+        if hit < exposed {
+            fail(
+                &mut r,
+                format!(
+                    "the selftest reports the splice hazard, but only {hit} of the {exposed} \
+                     redirected connections met it"
+                ),
+            );
+        } else if !r.failed() {
+            r.verdict = "HAZARD (known)".into();
+            note(
+                &mut r,
+                "all is for apps without splice(), auto keeps them out of the maps",
+            );
+        }
+    }
+    // Each client's bytes were redirected into the server's socket
+    // (whether its reader then hung or not); completed exchanges were
+    // echoed back redirected too.
+    let (fwd, back) = redirectable(Mode::All, false, true, true);
+    let echoed = r.bytes;
+    check_redirected(
+        &mut r,
+        fwd * SIZE * exposed + back * echoed,
+        MOST_PCT,
+        &format!(
+            "{} sent by {exposed} connections, {} echoed",
+            mib(SIZE * exposed),
+            mib(echoed)
+        ),
+    );
+    // Hung connections hold their sockets until the helpers' deadlines.
+    check_drained_within(&bed, &mut r, Duration::from_secs(30));
+    r
 }
 
 fn proxy_killed() -> Vec<Row> {
@@ -699,7 +954,7 @@ fn proxy_killed() -> Vec<Row> {
                 &v,
                 &before,
                 &after,
-                true,
+                Expect::Cut,
             );
             note(
                 &mut r,
@@ -743,9 +998,36 @@ fn proxy_killed() -> Vec<Row> {
     rows
 }
 
-/// Traffic for `ms` while `event` happens at `at` into it.
-fn during(bed: &Bed, ms: u64, at: Duration, event: impl FnOnce()) -> Value {
+/// The churn of [`during`]: exchanges at once, and their largest size.
+const DURING_CONCURRENCY: u64 = 8;
+const DURING_MAX_SIZE: u64 = 256 * 1024;
+
+/// What [`during`] saw.
+struct During {
+    /// The client's final report.
+    v: Value,
+    /// Bytes of the exchanges completed before the event began (the last
+    /// progress line printed before it: at most the true figure).
+    done_before: u64,
+    /// Bytes of the exchanges completed when the event was over (the first
+    /// progress line printed after it: at least the true figure).
+    done_after: u64,
+}
+
+/// The last progress figure among `lines` (`mb-peer torture --progress-ms`).
+fn progress(lines: &[String]) -> Option<u64> {
+    lines.iter().rev().find_map(|l| {
+        serde_json::from_str::<Value>(l)
+            .ok()
+            .filter(|v| v["progress"] == true)
+            .map(|v| n(&v, "bytes"))
+    })
+}
+
+/// Churn for `ms` while `event` happens at `at` into it.
+fn during(bed: &Bed, ms: u64, at: Duration, event: impl FnOnce()) -> During {
     let ms_s = ms.to_string();
+    let (concurrency, max) = (DURING_CONCURRENCY.to_string(), DURING_MAX_SIZE.to_string());
     let target = bed.target();
     let client = Peer::spawn(
         &bed.place_a(None),
@@ -756,25 +1038,46 @@ fn during(bed: &Bed, ms: u64, at: Duration, event: impl FnOnce()) -> Value {
             "--duration-ms",
             &ms_s,
             "--concurrency",
-            "8",
+            &concurrency,
             "--min-size",
             "1",
             "--max-size",
-            "262144",
+            &max,
             "--writer",
             "mixed",
+            "--progress-ms",
+            "50",
         ],
     );
     std::thread::sleep(at);
+    let done_before = progress(&client.drain()).unwrap_or(0);
     event();
+    client.drain();
+    let done_after = loop {
+        let l = client.line(Duration::from_secs(10));
+        if let Some(b) = progress(std::slice::from_ref(&l)) {
+            break b;
+        }
+    };
     let (_, lines) = client.finish_lines(Duration::from_millis(ms) + Duration::from_secs(60));
-    serde_json::from_str(lines.last().map_or("", String::as_str))
-        .unwrap_or_else(|_| panic!("torture printed {lines:?}"))
+    let v = serde_json::from_str(lines.last().map_or("", String::as_str))
+        .unwrap_or_else(|_| panic!("torture printed {lines:?}"));
+    During {
+        v,
+        done_before,
+        done_after,
+    }
 }
 
 /// (scenario, remove the bypass, remove the redirect, beds).
 type DelCase = (&'static str, bool, bool, &'static [(Mode, bool)]);
 
+/// Pod A's DEL during churn, in halves and whole. Removing the redirect
+/// under live connections breaks some of them with the bypass off too
+/// (docs/RELIABILITY.md, hazard 7), so each case that removes it starts with
+/// its baseline (the bypass off, the same event) and its bypass rows accept
+/// only failures of a kind the baseline showed in this run, at most as many
+/// as the connections open at the event.
 fn del_midstream() -> Vec<Row> {
     let ms = budget(3000u64, 20_000);
     // DEL's two halves apart (to tell which one hurts), then together.
@@ -795,15 +1098,16 @@ fn del_midstream() -> Vec<Row> {
             "client pod DEL mid-stream: bypass + redirect",
             true,
             true,
-            &[ALL_MESH, AUTO_MESH],
+            &[OFF_MESH, ALL_MESH, AUTO_MESH],
         ),
     ];
     let mut rows = Vec::new();
     for (scenario, bypass, rules, beds) in cases {
+        let mut baseline: Option<Row> = None;
         for &(mode, sidecars) in beds {
             let bed = Bed::new(mode, sidecars, &[]);
             let before = bed.root.counters();
-            let v = during(&bed, ms, Duration::from_millis(ms / 3), || {
+            let run = during(&bed, ms, Duration::from_millis(ms / 3), || {
                 if bypass {
                     bed.root.del_pod(&bed.pods.a, bed.cookie_a);
                 }
@@ -812,17 +1116,43 @@ fn del_midstream() -> Vec<Row> {
                 }
             });
             let after = bed.root.counters();
-            let mut r = row(scenario, &bed, &v, &before, &after, false);
+            let expect = match (&baseline, rules, mode) {
+                (_, false, _) => Expect::Clean,
+                (None, true, Mode::Off) => Expect::Baseline,
+                (Some(b), true, _) => Expect::LikeBaseline {
+                    baseline: b,
+                    cap: DURING_CONCURRENCY,
+                },
+                (None, true, _) => panic!("{scenario}: the baseline row must run first"),
+            };
+            let mut r = row(scenario, &bed, &run.v, &before, &after, expect);
+            if matches!(expect, Expect::Baseline) {
+                r.mode = format!("{} (baseline)", r.mode);
+            }
             note(&mut r, format!("{} s of churn, DEL after a third", ms / 1000));
-            check_redirected(&mut r);
-            let stalled = n(&v, "hangs") + n(&v, "errors") > 0;
+            // Before the event every leg of the bed; after it, those left.
+            // Exchanges in flight at the event count as after it (the
+            // lower figure: removing never adds a direction).
+            let k_before = echo_directions(&bed);
+            let (fwd, back) = redirectable(mode, sidecars, !bypass, !rules);
+            let k_after = fwd + back;
+            assert!(k_after <= k_before, "{scenario}: {k_after} > {k_before}");
+            let early = run.done_before.min(r.bytes);
+            let late = r.bytes - early;
+            check_redirected(
+                &mut r,
+                k_before * early + k_after * late,
+                MOST_PCT,
+                &format!(
+                    "{k_before} directions x {} before the DEL, {k_after} x {} after",
+                    mib(early),
+                    mib(late)
+                ),
+            );
+            let stalled = n(&run.v, "hangs") + n(&run.v, "errors") > 0;
             check_drained_within(&bed, &mut r, Duration::from_secs(if stalled { 30 } else { 10 }));
-            if rules && r.failed() && r.corrupt == 0 {
-                // Removing the NAT rules under connections that are still being
-                // opened resets or stalls a few of them with the bypass off
-                // too (the baseline row): conntrack, not the bypass. Wrong
-                // bytes would still fail.
-                r.verdict = "NETFILTER (baseline too)".into();
+            if matches!(expect, Expect::Baseline) {
+                baseline = Some(r.clone());
             }
             rows.push(r);
         }
@@ -837,7 +1167,7 @@ fn loader_restart() -> Vec<Row> {
             let bed = Bed::new(mode, sidecars, &[]);
             let before = bed.root.counters();
             let mut mid = None;
-            let v = during(&bed, ms, Duration::from_millis(ms / 5), || {
+            let run = during(&bed, ms, Duration::from_millis(ms / 5), || {
                 for i in 0..5 {
                     // The third load finds the programs of "another build"
                     // (same layout) and replaces them under the traffic.
@@ -858,23 +1188,37 @@ fn loader_restart() -> Vec<Row> {
             let mut r = row(
                 "loader re-run 5x mid-stream (4 reuses, 1 program upgrade)",
                 &bed,
-                &v,
+                &run.v,
                 &before,
                 &after,
-                false,
+                Expect::Clean,
             );
+            check_echo_redirected(&bed, &mut r);
+            // After the reloads: the exchanges completed since, less those
+            // that were in flight at the end (partly redirected before).
             let since = mid.map_or(0, |m| delta(&m, &after, Counter::RedirectedBytes));
+            let k = echo_directions(&bed);
+            let later = r
+                .bytes
+                .saturating_sub(run.done_after)
+                .saturating_sub(DURING_CONCURRENCY * DURING_MAX_SIZE);
             note(
                 &mut r,
-                format!(
-                    "{:.1} MiB redirected after the reloads and the upgrade",
-                    since as f64 / MIB as f64
-                ),
+                format!("{} redirected after the reloads and the upgrade", mib(since)),
             );
-            if since == 0 {
-                fail(&mut r, "the bypass stopped after the reloads");
+            let floor = k * later * MOST_PCT / 100;
+            if since < floor || (k > 0 && later == 0) {
+                fail(
+                    &mut r,
+                    format!(
+                        "the bypass did not keep up after the reloads: {} redirected, below {} \
+                         ({MOST_PCT} % of {k} directions x {} completed since)",
+                        mib(since),
+                        mib(floor),
+                        mib(later)
+                    ),
+                );
             }
-            check_redirected(&mut r);
             check_drained(&bed, &mut r);
             r
         })
@@ -926,7 +1270,16 @@ fn unload_midstream() -> Vec<Row> {
             }
             fail(&mut r, format!("{}", v["error"]));
         }
-        check_redirected(&mut r);
+        // The stall was half over at the unload: each leg of the flood had
+        // filled its receiver past the floor (the stalled one, then those
+        // upstream of it).
+        let (legs, _) = redirectable(mode, sidecars, true, true);
+        check_redirected(
+            &mut r,
+            legs * RECEIVER_FLOOR,
+            100,
+            &format!("{legs} legs x the receiver's 1 MiB floor, at the unload"),
+        );
         rows.push(r);
     }
     rows
@@ -953,7 +1306,7 @@ fn map_full() -> Vec<Row> {
                 &v,
                 &before,
                 &after,
-                false,
+                Expect::Clean,
             );
             let (full_ctr, refused) = (
                 delta(&before, &after, Counter::MapFull),
@@ -964,9 +1317,7 @@ fn map_full() -> Vec<Row> {
                 &mut r,
                 format!("map_full +{full_ctr}, pairs_refused +{refused}, redirected {redirected} B"),
             );
-            if r.redirected > 0 {
-                fail(&mut r, "traffic was redirected although the map was full");
-            }
+            check_redirected(&mut r, 0, MOST_PCT, &format!("{which} is full: nothing can pair"));
             if full_ctr == 0 {
                 r.verdict = if r.failed() {
                     r.verdict.clone()
@@ -984,8 +1335,17 @@ fn map_full() -> Vec<Row> {
                 Duration::from_secs(60),
             );
             let after = bed.root.counters();
-            if n(&v, "completed") != 10 || delta(&before, &after, Counter::RedirectedBytes) == 0 {
-                fail(&mut r, format!("after emptying the map: {v}"));
+            let resumed = delta(&before, &after, Counter::RedirectedBytes);
+            let floor = echo_directions(&bed) * n(&v, "bytes") * MOST_PCT / 100;
+            if n(&v, "completed") != 10 || resumed < floor {
+                fail(
+                    &mut r,
+                    format!(
+                        "after emptying the map, {} redirected (at least {} expected): {v}",
+                        mib(resumed),
+                        mib(floor)
+                    ),
+                );
             }
             // Only our junk may remain... and it was removed: the maps drain.
             check_drained(&bed, &mut r);
@@ -1089,6 +1449,52 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("map-full", map_full),
 ];
 
+/// The scenarios `MESHBYPASS_TORTURE_ONLY` (comma-separated names) selects,
+/// all without it. A name that is no scenario's, or a selection of none,
+/// panics with the known names: a typo must not pass by testing nothing.
+fn selected(only: Option<&str>) -> Vec<(&'static str, Scenario)> {
+    let Some(only) = only else {
+        return SCENARIOS.to_vec();
+    };
+    let known: Vec<&str> = SCENARIOS.iter().map(|(name, _)| *name).collect();
+    let names: Vec<&str> = only.split(',').map(str::trim).collect();
+    let unknown: Vec<&&str> = names.iter().filter(|n| !known.contains(n)).collect();
+    assert!(
+        unknown.is_empty(),
+        "MESHBYPASS_TORTURE_ONLY={only:?}: no scenario is called {unknown:?}; the scenarios are {}",
+        known.join(", ")
+    );
+    let picked: Vec<(&'static str, Scenario)> = SCENARIOS
+        .iter()
+        .copied()
+        .filter(|(name, _)| names.contains(name))
+        .collect();
+    assert!(
+        !picked.is_empty(),
+        "MESHBYPASS_TORTURE_ONLY={only:?} selects no scenario; the scenarios are {}",
+        known.join(", ")
+    );
+    picked
+}
+
+/// No root needed: the selection refuses what would test nothing.
+#[test]
+fn torture_only_refuses_unknown_names_and_empty_selections() {
+    let names = |only: Option<&str>| -> Vec<&str> { selected(only).iter().map(|(n, _)| *n).collect() };
+    assert_eq!(names(None).len(), SCENARIOS.len());
+    assert_eq!(names(Some("churn,rst")), ["churn", "rst"]);
+    for bad in ["", "chrun", "churn,", "churn,nope", ","] {
+        let err = catch_unwind(|| selected(Some(bad))).expect_err(bad);
+        let msg = err
+            .downcast_ref::<String>()
+            .unwrap_or_else(|| panic!("{bad:?}: a panic without a message"));
+        assert!(
+            msg.contains("sizes, writers,") && msg.contains("map-full"),
+            "{bad:?}: the message names the scenarios: {msg}"
+        );
+    }
+}
+
 /// Failures already reported as datapath bugs (docs/RELIABILITY.md,
 /// "Hazards found"), by scenario prefix: shown as KNOWN BUG in the table,
 /// not failing the suite, and failing it once they pass (so the entry goes
@@ -1098,18 +1504,23 @@ const KNOWN: &[(&str, &str)] = &[];
 fn print_table(rows: &[Row], elapsed: Duration) {
     let mut out = String::new();
     out.push_str(&format!(
-        "\ntorture ({} budget, {:.0} s; hangs, lost and corrupt count connections)\n| scenario | mode | conns | bytes checked | redirected | hangs | lost | corrupt/reordered | verdict | notes |\n|---|---|---|---|---|---|---|---|---|---|\n",
+        "\ntorture ({} budget, {:.0} s; hangs, lost and corrupt count connections)\n| scenario | mode | conns | bytes checked | redirected (least allowed) | hangs | lost | corrupt/reordered | verdict | notes |\n|---|---|---|---|---|---|---|---|---|---|\n",
         if full() { "full" } else { "CI" },
         elapsed.as_secs_f64()
     ));
     for r in rows {
         out.push_str(&format!(
-            "| {} | {} | {} | {:.1} MiB | {:.1} MiB | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {:.1} MiB | {:.1} MiB{} | {} | {} | {} | {} | {} |\n",
             r.scenario,
             r.mode,
             r.conns,
             r.bytes as f64 / MIB as f64,
             r.redirected as f64 / MIB as f64,
+            match r.floor {
+                Some(0) => " (= 0)".into(),
+                Some(f) => format!(" (≥ {:.1})", f as f64 / MIB as f64),
+                None => String::new(),
+            },
             r.hangs,
             r.lost,
             r.corrupt,
@@ -1126,17 +1537,18 @@ fn print_table(rows: &[Row], elapsed: Duration) {
 #[test]
 fn torture_suite() {
     require_root();
-    let only: Option<Vec<String>> = std::env::var("MESHBYPASS_TORTURE_ONLY")
-        .ok()
-        .map(|s| s.split(',').map(str::to_owned).collect());
+    let only = std::env::var("MESHBYPASS_TORTURE_ONLY").ok();
     let started = Instant::now();
     let mut rows = Vec::new();
-    for (name, scenario) in SCENARIOS {
-        if only.as_ref().is_some_and(|o| !o.iter().any(|x| x == name)) {
-            continue;
-        }
+    for (name, scenario) in selected(only.as_deref()) {
         let t = Instant::now();
         match catch_unwind(AssertUnwindSafe(scenario)) {
+            Ok(r) if r.is_empty() => rows.push(Row {
+                scenario: name.to_string(),
+                verdict: "FAIL".into(),
+                note: "the scenario produced no row".into(),
+                ..Row::default()
+            }),
             Ok(mut r) => {
                 for row in &mut r {
                     let known = KNOWN
@@ -1167,6 +1579,7 @@ fn torture_suite() {
         eprintln!("scenario {name}: {:.1} s", t.elapsed().as_secs_f64());
     }
     print_table(&rows, started.elapsed());
+    assert!(!rows.is_empty(), "no row: nothing was tested");
     let failed: Vec<&Row> = rows.iter().filter(|r| r.failed()).collect();
     assert!(
         failed.is_empty(),

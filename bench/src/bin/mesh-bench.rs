@@ -57,6 +57,7 @@ fn main() -> anyhow::Result<()> {
         mesh::SIDECAR_ALL,
         mesh::SIDECAR_PROXY_ONLY,
         mesh::SIDECAR_AUTO,
+        mesh::SIDECAR_ADAPTIVE,
         mesh::NO_MESH_BYPASS,
     ];
     let mut loads = if quick {
@@ -66,6 +67,7 @@ fn main() -> anyhow::Result<()> {
             Load::keepalive(1, "1k"),
             Load::keepalive(16, "1k"),
             Load::keepalive(64, "1k"),
+            Load::keepalive(1, "64"),
             Load::keepalive(16, "64"),
             Load::keepalive(16, "16k"),
             Load::keepalive(16, "64k"),

@@ -1,7 +1,7 @@
 //! CHECK (CNI 0.4.0 and later; `cmd::dispatch` refuses it before): the pod's
 //! rules, link and map entries are all there and match.
 
-use meshbypass_ebpf::Node;
+use meshbypass_ebpf::NodeMaps;
 
 use crate::{
     config::Config,
@@ -67,7 +67,7 @@ pub fn run(env: &Env, config: &Config) -> Result<(), CniError> {
     let Some(cookie) = state.netns_cookie else {
         return Ok(()); // ADD skipped acceleration; the redirect is all there is.
     };
-    let node = Node::open(&config.bpf_root).map_err(|e| CniError::Bpf {
+    let node = NodeMaps::open(&config.bpf_root).map_err(|e| CniError::Bpf {
         action: "open the node's maps",
         source: Box::new(e),
     })?;

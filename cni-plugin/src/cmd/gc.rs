@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 
 use log::{info, warn};
-use meshbypass_ebpf::{Node, loader::OpenError};
+use meshbypass_ebpf::{NodeMaps, maps::OpenError};
 
 use super::exists;
 use crate::{bypass, config::Config, error::CniError, redirect, state::StateDir};
@@ -50,7 +50,7 @@ pub fn run(config: &Config) -> Result<(), CniError> {
         info!("gc: removed {}", id.as_str());
     }
     // Links and registrations no record accounts for (an ADD that died).
-    let mut node = match Node::open(&config.bpf_root) {
+    let mut node = match NodeMaps::open(&config.bpf_root) {
         Ok(n) => n,
         Err(OpenError::NotLoaded { .. }) => return Ok(()),
         Err(e) => {

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use meshbypass_ebpf::{Node, bpffs, loader::OpenError};
+use meshbypass_ebpf::{NodeMaps, bpffs, maps::OpenError};
 
 use crate::{
     cgroup,
@@ -24,7 +24,7 @@ pub fn run(config: &Config) -> Result<(), CniError> {
         reason: "no cgroup v2 hierarchy at cgroupRoot",
         source: Some(Box::new(e)),
     })?;
-    match Node::open(&config.bpf_root) {
+    match NodeMaps::open(&config.bpf_root) {
         Ok(_) => Ok(()),
         Err(OpenError::NotLoaded { .. }) if bpffs_available(&config.bpf_root) => Ok(()),
         Err(OpenError::NotLoaded { .. }) => Err(CniError::NotAvailable {

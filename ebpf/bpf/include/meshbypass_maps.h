@@ -28,6 +28,13 @@
 #define MB_DRAIN_SENDER_ACKED (1u << 0)  /* every byte the sender gave TCP is acknowledged */
 #define MB_DRAIN_RECEIVER_READ (1u << 1) /* the receiver read every byte TCP gave it */
 
+/* The guards of `adaptive` (the program's mb_adaptive_checks, a load-time
+ * constant: always all, except in the tests that prove each one necessary). */
+#define MB_ADAPTIVE_CONNECTED (1u << 0) /* a connected app socket is admitted only if non-blocking */
+#define MB_ADAPTIVE_LISTENER (1u << 1)  /* an accepted one only if its listener was non-blocking */
+#define MB_ADAPTIVE_SEND (1u << 2)      /* a send that finds the file blocking evicts the socket */
+#define MB_ADAPTIVE_DRAINED (1u << 3)   /* eviction waits until every redirected byte was read */
+
 /* mb_config.kernel_flags */
 #define MB_KERNEL_PROBED (1u << 0)   /* a selftest verdict was recorded */
 #define MB_KERNEL_SAFE_ALL (1u << 1) /* the verdict: redirecting into any socket is safe */
@@ -60,7 +67,11 @@ enum mb_counter {
 	MB_CTR_RECEIVER_FULL = 11,   /* directions sent back to the stack: the receiver's queue was over its bound */
 	MB_CTR_RESUMED = 12,         /* ... and redirected again once both paths had drained (proxy receivers) */
 	MB_CTR_STACK_BYTES = 13,     /* directions sent to the stack: bytes went through TCP unseen (TCP Fast Open) */
-	MB_CTR_MAX = 16,
+	MB_CTR_ADMITTED = 14,        /* app sockets `adaptive` let into the maps (non-blocking files) */
+	MB_CTR_EVICTED = 15,         /* ... that turned blocking and left the maps */
+	MB_CTR_ZEROCOPY = 16,        /* directions sent to the stack: the sender uses SO_ZEROCOPY,
+				      * whose completions only TCP delivers */
+	MB_CTR_MAX = 24,
 };
 
 /* All counters of one CPU: one lookup per message updates several. */
@@ -163,6 +174,9 @@ struct mb_config {
 #define MB_SK_PEER_KNOWN (1u << 6) /* peer holds a key a redirect already succeeded with */
 #define MB_SK_PEER_PROXY (1u << 7) /* the peer is a proxy socket (from mb_pair.flags) */
 #define MB_SK_RESUMABLE (1u << 8)  /* sticky only because the receiver was full: may resume */
+#define MB_SK_ADAPTIVE (1u << 9)   /* an app socket `adaptive` admitted: its sends check its file */
+#define MB_SK_EVICT (1u << 10)     /* ... and its file turned blocking: it leaves the maps */
+#define MB_SK_PASSIVE (1u << 11)   /* it was accepted (else it connected) */
 
 /* Per-socket state (socket local storage). */
 struct mb_sk_state {
@@ -174,6 +188,24 @@ struct mb_sk_state {
 	__u32 flags; /* MB_SK_* */
 	__u32 seq0;  /* write_seq while no byte of this socket went through TCP */
 	__u64 target; /* kernel address of the peer socket, kept while MB_SK_RESUMABLE */
+};
+
+/* A listening port of a pod, as `adaptive` judges the sockets accepted on
+ * it. Key of mb_ports. */
+struct mb_port_key {
+	__u64 netns;
+	__u16 port; /* host order */
+	__u16 pad0;
+	__u32 pad1;
+};
+
+/* mb_port.flags */
+#define MB_PORT_LISTENER_NONBLOCK (1u << 0) /* every listener on it was non-blocking at listen() */
+#define MB_PORT_ACCEPTED_BLOCKING (1u << 1) /* an accepted socket turned out blocking: admit none */
+
+struct mb_port {
+	__u32 flags; /* MB_PORT_* */
+	__u32 pad;
 };
 
 #ifdef __BPF__
@@ -241,6 +273,18 @@ struct {
 	__type(value, struct mb_pod);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } mb_netns SEC(".maps");
+
+/* (netns, port) -> what `adaptive` knows of the sockets accepted there.
+ * Written by sockops at listen() and by sk_msg when an admitted accepted
+ * socket turns out blocking; read by sockops when a connection is accepted;
+ * removed with the pod (DEL). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 8192);
+	__type(key, struct mb_port_key);
+	__type(value, struct mb_port);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mb_ports SEC(".maps");
 
 /* Node-wide settings. Written by the loader and the selftest, read by sockops. */
 struct {

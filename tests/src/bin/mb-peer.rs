@@ -15,6 +15,7 @@
 //! echo: --reader read|splice|fionread (--reader splice reads like --splice, with the torture checks)
 //! torture: --conns N --concurrency C --min-size B --max-size B [--duration-ms D] [--hold]
 //!          [--rst-every K] [--writer write|writev|sendfile|splice|mixed] [--first-write B]
+//!          [--progress-ms P] (a {"progress": true, ...} line every P ms, before the report)
 //! sink: [--stall-ms N] [--read-chunk B] [--read-delay-us N]; flood: --bytes N [--writer W]
 //! proxy: [--close-on-error] (a reset on one side shuts both down)
 //! common: --cgroup DIR --netns PATH --uid N --blocking --seed N --deadline-ms N
@@ -175,6 +176,7 @@ fn parse() -> anyhow::Result<Args> {
             "--read-delay-us" => a.torture.read_delay_us = val()?.parse()?,
             "--bytes" => a.torture.bytes = val()?.parse()?,
             "--close-on-error" => a.torture.close_on_error = true,
+            "--progress-ms" => a.torture.progress_ms = val()?.parse()?,
             "--" => {
                 a.exec = it.by_ref().collect();
                 break;
@@ -620,6 +622,8 @@ mod torture {
         pub read_delay_us: u64,
         pub bytes: u64,
         pub close_on_error: bool,
+        /// torture: print the tally so far every this many ms (0: never).
+        pub progress_ms: u64,
     }
 
     impl Default for Opts {
@@ -640,6 +644,7 @@ mod torture {
                 read_delay_us: 0,
                 bytes: 1 << 20,
                 close_on_error: false,
+                progress_ms: 0,
             }
         }
     }
@@ -1013,11 +1018,35 @@ mod torture {
         let workers = if o.hold { o.conns } else { o.concurrency.max(1) };
         let barrier = o.hold.then(|| Arc::new(Barrier::new(workers)));
         let until = o.duration_ms.map(|ms| started + Duration::from_millis(ms));
+        let finished = std::sync::atomic::AtomicBool::new(false);
         thread::scope(|scope| {
+            if o.progress_ms > 0 {
+                let (next, tally, finished) = (&next, &tally, &finished);
+                scope.spawn(move || {
+                    // What completed so far, and how many exchanges had
+                    // started: the suite reads it at an event (a DEL, a
+                    // reload) to know which bytes ran before it.
+                    while !finished.load(Ordering::SeqCst) {
+                        let (bytes, completed) = {
+                            let t = tally.lock().unwrap();
+                            (t.bytes, t.completed)
+                        };
+                        println!(
+                            "{}",
+                            serde_json::json!({"progress": true, "bytes": bytes, "completed": completed,
+                                               "started": next.load(Ordering::SeqCst),
+                                               "ms": started.elapsed().as_millis() as u64})
+                        );
+                        io::stdout().flush().ok();
+                        thread::sleep(Duration::from_millis(o.progress_ms));
+                    }
+                });
+            }
+            let mut handles = Vec::new();
             for _ in 0..workers {
                 let barrier = barrier.clone();
                 let (next, tally, open, peak) = (&next, &tally, &open, &peak);
-                thread::Builder::new()
+                let h = thread::Builder::new()
                     .stack_size(256 * 1024)
                     .spawn_scoped(scope, move || {
                         loop {
@@ -1040,6 +1069,15 @@ mod torture {
                         }
                     })
                     .expect("spawn a worker");
+                handles.push(h);
+            }
+            let joined: Vec<_> = handles.into_iter().map(|h| h.join()).collect();
+            // Stop the progress thread before passing a worker's panic on.
+            finished.store(true, Ordering::SeqCst);
+            for j in joined {
+                if let Err(panic) = j {
+                    std::panic::resume_unwind(panic);
+                }
             }
         });
         let t = tally.into_inner().unwrap();

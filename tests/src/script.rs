@@ -1,0 +1,170 @@
+//! The scripted bed of the adversarial and `adaptive` tests: two registered
+//! pods on a veth pair with the bypass attached, and `mb-peer script`
+//! processes in them (named sockets driven one command at a time).
+
+use meshbypass_ebpf::{LoadOptions, Mode, counters::Counters};
+
+use crate::{
+    A_V4, A_V6, B_V4, B_V6, BpfRoot, Cgroup, Peer, Place, PodPair, fixtures::kernel_verdict, require_root,
+};
+
+/// Two registered pods (Istio ports 15001/15006, proxy UID 1337) on a veth
+/// pair, the bypass attached to both cgroups. Drop order: cgroups, maps, netns
+/// (the test's scripts are locals declared later, so they go first).
+pub struct Bed {
+    pub cg_a: Cgroup,
+    pub cg_b: Cgroup,
+    pub root: BpfRoot,
+    pub pods: PodPair,
+    pub mode: Mode,
+}
+
+impl Bed {
+    pub fn new(mode: Mode) -> Self {
+        Self::with_options(mode, &LoadOptions::default())
+    }
+
+    pub fn with_options(mode: Mode, options: &LoadOptions) -> Self {
+        require_root();
+        let pods = PodPair::new();
+        let root = BpfRoot::load_with(options);
+        if mode == Mode::Auto {
+            root.node
+                .lock()
+                .unwrap()
+                .record_verdict(kernel_verdict())
+                .expect("record the selftest verdict");
+        }
+        let (cg_a, cg_b) = (Cgroup::new("ca"), Cgroup::new("cb"));
+        root.add_pod(&pods.a, &cg_a, &[A_V4, A_V6], mode);
+        root.add_pod(&pods.b, &cg_b, &[B_V4, B_V6], mode);
+        Self {
+            cg_a,
+            cg_b,
+            root,
+            pods,
+            mode,
+        }
+    }
+
+    /// Pod B's inbound redirect: TCP to `ports` goes to its proxy's 15006.
+    pub fn inbound_redirect(&self, ports: &str) {
+        self.pods.b.exec(&[
+            "iptables",
+            "-w",
+            "-t",
+            "nat",
+            "-A",
+            "PREROUTING",
+            "-p",
+            "tcp",
+            "-m",
+            "multiport",
+            "--dports",
+            ports,
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            "15006",
+        ]);
+    }
+
+    /// Pod A's outbound redirect: its apps' TCP to B's `ports` goes to its
+    /// proxy's 15001 (UID 1337 exempt).
+    pub fn outbound_redirect(&self, ports: &str) {
+        self.pods.a.exec(&[
+            "iptables",
+            "-w",
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "-d",
+            B_V4,
+            "-m",
+            "multiport",
+            "--dports",
+            ports,
+            "-m",
+            "owner",
+            "!",
+            "--uid-owner",
+            "1337",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            "15001",
+        ]);
+    }
+
+    /// Where a process of pod `a` or `b` runs, as `uid` (None: root, an app).
+    pub fn place(&self, pod: char, uid: Option<u32>) -> Place<'_> {
+        let (ns, cg) = match pod {
+            'a' => (&self.pods.a, &self.cg_a),
+            'b' => (&self.pods.b, &self.cg_b),
+            _ => panic!("pod a or b"),
+        };
+        Place {
+            ns,
+            cgroup: &cg.path,
+            uid,
+        }
+    }
+
+    /// `program args` in pod `a` or `b` (stdout lines readable from the peer).
+    pub fn exec(&self, pod: char, uid: Option<u32>, program: &str, args: &[&str]) -> Peer {
+        let mut v = vec!["--", program];
+        v.extend_from_slice(args);
+        Peer::spawn(&self.place(pod, uid), "exec", &v)
+    }
+
+    /// A script peer in pod `a` or `b`, as `uid` (None: root, an app).
+    pub fn script(&self, pod: char, uid: Option<u32>) -> Script {
+        let (ns, cg) = match pod {
+            'a' => (&self.pods.a, &self.cg_a),
+            'b' => (&self.pods.b, &self.cg_b),
+            _ => panic!("pod a or b"),
+        };
+        let who = format!("{pod}{}", if uid == Some(1337) { "-proxy" } else { "-app" });
+        Script {
+            peer: Peer::spawn(
+                &Place {
+                    ns,
+                    cgroup: &cg.path,
+                    uid,
+                },
+                "script",
+                &["--deadline-ms", "3000"],
+            ),
+            who,
+        }
+    }
+
+    pub fn counters(&self) -> Counters {
+        self.root.counters()
+    }
+}
+
+/// An `mb-peer script` process: named sockets, one command per line.
+pub struct Script {
+    pub peer: Peer,
+    pub who: String,
+}
+
+impl Script {
+    /// Runs a command that must succeed; returns what followed "ok".
+    pub fn ok(&mut self, cmd: &str) -> String {
+        let r = self.peer.ask(cmd);
+        match r.strip_prefix("ok") {
+            Some(rest) => rest.trim().to_string(),
+            None => panic!("{}: `{cmd}` -> {r}", self.who),
+        }
+    }
+
+    /// Runs a command and returns the whole reply.
+    pub fn ask(&mut self, cmd: &str) -> String {
+        self.peer.ask(cmd)
+    }
+}

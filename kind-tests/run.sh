@@ -256,7 +256,7 @@ ok=$(requests client 20)
 after=$(status | field counters.redirected_msgs)
 ((after > before)) || fail "after the restart the counters did not rise ($before -> $after)"
 # The restarted agent's load reused (or upgraded to) its own build's programs.
-[[ $(status | field programs.this_build) == True ]] ||
+[[ $(status | field programs.thisBuild) == True ]] ||
   fail "after the restart the pinned programs are not the agent's build: $(status)"
 
 log "uninstall restores the conflists"

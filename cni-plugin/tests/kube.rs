@@ -722,12 +722,19 @@ fn binary_meshes_istio_passes_plain_and_fails_closed_without_api() {
     let got: serde_json::Value = serde_json::from_str(&run.stdout).expect("result JSON");
     let want: serde_json::Value = serde_json::from_str(PREV_RESULT).expect("prevResult JSON");
     assert_eq!(got, want);
-    assert!(
-        !dir.path().join("run").exists()
-            || std::fs::read_dir(dir.path().join("run"))
-                .expect("dir")
-                .next()
-                .is_none()
+    // No record for DEL: only the decision log, whose last line says why.
+    let state = dir.path().join("run");
+    let records = meshbypass_cni::state::StateDir::new(&state)
+        .list()
+        .expect("state dir");
+    assert!(records.is_empty(), "{records:?}");
+    let log = std::fs::read_to_string(state.join("log/cni.jsonl")).expect("the decision log");
+    let last: meshbypass_cni::journal::Entry =
+        serde_json::from_str(log.lines().last().expect("a line")).expect("an entry");
+    assert_eq!(
+        last.decision,
+        meshbypass_cni::journal::Decision::NotMeshed,
+        "{last:?}"
     );
 
     // TPROXY: code 2 from the binary too.

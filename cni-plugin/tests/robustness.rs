@@ -209,7 +209,9 @@ impl Dirs {
     fn leftovers(&self) -> Vec<String> {
         let mut out = Vec::new();
         walk(self.dir.path(), &mut out);
-        out.retain(|p| !p.ends_with("/log"));
+        // The plugin's own log, and its decision log (a line per ADD/DEL,
+        // refused ones included): not pod state.
+        out.retain(|p| !p.ends_with("/log") && !p.contains("/state/log"));
         out
     }
 }

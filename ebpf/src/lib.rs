@@ -18,6 +18,7 @@ pub mod pins;
 pub mod pods;
 pub mod selftest;
 mod sys;
+pub mod usage;
 pub mod verdict;
 
 pub use abi::{Counter, Mode};

@@ -210,33 +210,41 @@ impl NodeMaps {
     /// The pod registered for a netns, if any.
     pub fn pod_by_netns(&self, netns_cookie: u64) -> Option<RegisteredPod> {
         let pod = self.netns.get(&netns_cookie, 0).ok()?;
-        Some(self.describe(netns_cookie, &pod))
-    }
-
-    /// Every registered pod.
-    pub fn pods(&self) -> Vec<RegisteredPod> {
-        let entries: Vec<(u64, Pod)> = self.netns.iter().filter_map(Result::ok).collect();
-        entries.iter().map(|(c, p)| self.describe(*c, p)).collect()
-    }
-
-    fn describe(&self, netns_cookie: u64, pod: &Pod) -> RegisteredPod {
-        let mut ips: Vec<IpAddr> = self
+        let ips = self
             .pods
             .iter()
             .filter_map(Result::ok)
             .filter(|(_, p)| p.netns == netns_cookie)
             .map(|(ip, _)| ip.to_ip())
             .collect();
-        ips.sort();
-        let id = |v: u32| (v != NO_ID).then_some(v);
-        RegisteredPod {
-            netns_cookie,
-            ips,
-            outbound_port: pod.outbound_port,
-            inbound_port: pod.inbound_port,
-            proxy_uid: id(pod.proxy_uid),
-            proxy_gid: id(pod.proxy_gid),
-            mode: Mode::from_raw(pod.mode).map_or("unknown", Mode::as_str),
+        Some(describe(netns_cookie, &pod, ips))
+    }
+
+    /// Every registered pod: one walk of each map, whatever the number of
+    /// pods (status and metrics call this on a busy node).
+    pub fn pods(&self) -> Vec<RegisteredPod> {
+        let mut ips: std::collections::HashMap<u64, Vec<IpAddr>> = std::collections::HashMap::new();
+        for (ip, pod) in self.pods.iter().filter_map(Result::ok) {
+            ips.entry(pod.netns).or_default().push(ip.to_ip());
         }
+        self.netns
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(cookie, pod)| describe(cookie, &pod, ips.remove(&cookie).unwrap_or_default()))
+            .collect()
+    }
+}
+
+fn describe(netns_cookie: u64, pod: &Pod, mut ips: Vec<IpAddr>) -> RegisteredPod {
+    ips.sort();
+    let id = |v: u32| (v != NO_ID).then_some(v);
+    RegisteredPod {
+        netns_cookie,
+        ips,
+        outbound_port: pod.outbound_port,
+        inbound_port: pod.inbound_port,
+        proxy_uid: id(pod.proxy_uid),
+        proxy_gid: id(pod.proxy_gid),
+        mode: Mode::from_raw(pod.mode).map_or("unknown", Mode::as_str),
     }
 }

@@ -2,7 +2,9 @@
 //!
 //! 1. SIGTERM/SIGINT are blocked and read from a signalfd (before any
 //!    thread starts, so every thread inherits the mask);
-//! 2. the HTTP listener is bound (`/readyz`, `/healthz`, `/metrics`);
+//! 2. the HTTP listener is bound (`/readyz`, `/healthz`, `/metrics`), and
+//!    the plugin's decision log is followed (each ADD and DEL re-emitted on
+//!    stdout and counted);
 //! 3. the shared loader loads or adopts the node's maps; the kernel
 //!    selftest runs once per node (its verdict is kept in `mb_config`).
 //!    A failed load does not stop the agent: the plugin is installed
@@ -22,7 +24,7 @@
 use std::{
     net::TcpListener,
     os::fd::AsFd,
-    path::{Path, PathBuf},
+    path::Path,
     sync::{Arc, Mutex, atomic::Ordering},
     time::{Duration, Instant},
 };
@@ -44,12 +46,13 @@ use nix::{
 use serde_json::Value;
 
 use crate::{
+    cli::{LogFormat, RunOptions},
     confdir::Chained,
-    gc,
+    decisions, gc,
     http::{self, Handler, Response, Route},
     installer::{self, InstallError, Installer, KubeSetup},
     kubeconfig::{ApiServer, ServiceAccount},
-    metrics::{self, Problem, Stats},
+    metrics::{self, Problem, Snapshot, Stats},
     removal::{self, DaemonSetRef, Verdict},
     watch::Watcher,
 };
@@ -66,35 +69,9 @@ const SETTLE_MAX: Duration = Duration::from_millis(250);
 /// deleted (the manifest's grace period is 30 s).
 const REMOVAL_BUDGET: Duration = Duration::from_secs(5);
 
-/// Everything `run` is told on the command line.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RunOptions {
-    pub bpf_root: PathBuf,
-    pub cni_bin_dir: PathBuf,
-    pub cni_conf_dir: PathBuf,
-    pub plugin_binary: Option<PathBuf>,
-    pub plugin_config: Option<PathBuf>,
-    pub listen: String,
-    pub state_dir: PathBuf,
-    pub gc_interval: Duration,
-    pub cleanup: bool,
-    pub selftest: bool,
-    pub kubeconfig_out: PathBuf,
-    pub token_file: PathBuf,
-    pub ca_file: PathBuf,
-    /// Our DaemonSet's name (its namespace is the service account's).
-    pub daemonset: String,
-}
-
 type SharedNode = Arc<Mutex<Option<NodeMaps>>>;
 
-/// The plugin binary shipped beside this executable (the image has both).
-pub fn default_plugin_binary() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe().context("locating this executable")?;
-    Ok(exe.with_file_name(crate::conflist::PLUGIN_TYPE))
-}
-
-pub fn run(opts: &RunOptions) -> anyhow::Result<()> {
+pub fn run(root: &Path, opts: &RunOptions, log_format: LogFormat) -> anyhow::Result<()> {
     let mut mask = SigSet::empty();
     mask.add(Signal::SIGTERM);
     mask.add(Signal::SIGINT);
@@ -109,12 +86,14 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<()> {
     let addr = listener.local_addr().context("reading the listen address")?;
     http::spawn(listener, handler(stats.clone(), node.clone())).context("starting the HTTP server")?;
     log::info!("serving /readyz and /metrics on {addr}");
+    decisions::spawn(&opts.state_dir, log_format, stats.clone())
+        .context("following the plugin's decision log")?;
 
-    load(opts, &node, &stats);
+    load(root, opts, &node, &stats);
 
-    let plugin_binary = match &opts.plugin_binary {
+    let plugin_binary = match &opts.paths.plugin_binary {
         Some(p) => p.clone(),
-        None => default_plugin_binary()?,
+        None => installer::default_plugin_binary().context("locating this executable")?,
     };
     let kube = kube_setup(opts);
     let daemonset = kube.as_ref().and_then(|k| {
@@ -130,17 +109,18 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<()> {
             name: opts.daemonset.clone(),
         })
     });
-    let mut watched = vec![opts.cni_conf_dir.clone(), opts.cni_bin_dir.clone()];
+    let dirs = &opts.paths.dirs;
+    let mut watched = vec![dirs.cni_conf_dir.clone(), dirs.cni_bin_dir.clone()];
     if let Some(k) = &kube {
         log::info!("in a cluster: the plugin kubeconfig goes to {}", k.out.display());
         watched.extend(k.account.token_file.parent().map(Path::to_path_buf));
     }
-    if let Some(settings) = &opts.plugin_config {
+    if let Some(settings) = &opts.paths.plugin_config {
         watched.extend(settings.parent().map(Path::to_path_buf));
     }
     let mut installer = Installer::new(
-        &opts.cni_bin_dir,
-        &opts.cni_conf_dir,
+        &dirs.cni_bin_dir,
+        &dirs.cni_conf_dir,
         &plugin_binary,
         None,
         kube,
@@ -148,7 +128,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<()> {
     )?;
     let watcher = Watcher::new(watched)?;
 
-    let outcome = serve(opts, &mut installer, &watcher, &signals, &node, &stats);
+    let outcome = serve(root, opts, &mut installer, &watcher, &signals, &node, &stats);
     stats.installed.store(false, Ordering::Relaxed);
     let signal = outcome?;
     match removal::verdict(installer.kube(), daemonset.as_ref(), REMOVAL_BUDGET) {
@@ -165,8 +145,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<()> {
     if opts.cleanup {
         drop(node.lock().unwrap_or_else(|p| p.into_inner()).take());
         stats.loaded.store(false, Ordering::Relaxed);
-        let report = loader::unload(&opts.bpf_root)
-            .with_context(|| format!("unloading {}", opts.bpf_root.display()))?;
+        let report = loader::unload(root).with_context(|| format!("unloading {}", root.display()))?;
         log::info!(
             "--cleanup: removed {} pins and {} pod links",
             report.pins,
@@ -192,10 +171,10 @@ fn load_reason(e: &LoadError) -> &'static str {
 
 /// Loads or adopts the node's maps; on failure records why (the plugin is
 /// installed all the same). Returns whether the maps are loaded.
-fn load(opts: &RunOptions, node: &SharedNode, stats: &Stats) -> bool {
-    let mut loaded = match loader::load(&opts.bpf_root) {
+fn load(root: &Path, opts: &RunOptions, node: &SharedNode, stats: &Stats) -> bool {
+    let mut loaded = match loader::load(root) {
         Ok((loaded, outcome)) => {
-            log::info!("bpf root {}: {outcome:?}", opts.bpf_root.display());
+            log::info!("bpf root {}: {outcome:?}", root.display());
             loaded
         }
         Err(e) => {
@@ -203,8 +182,8 @@ fn load(opts: &RunOptions, node: &SharedNode, stats: &Stats) -> bool {
             let message = format!(
                 "the node's maps cannot be loaded at {}: {}; the plugin is installed anyway \
                  (pods get their redirect, not the bypass); retrying every {} s",
-                opts.bpf_root.display(),
-                crate::cmd::chain(&e),
+                root.display(),
+                crate::errors::chain(&e),
                 LOAD_RETRY.as_secs()
             );
             // Said once per distinct error, not at every retry.
@@ -219,26 +198,27 @@ fn load(opts: &RunOptions, node: &SharedNode, stats: &Stats) -> bool {
         }
     };
     match loaded.config() {
-        Ok(cfg) if opts.selftest && cfg.kernel_flags & KERNEL_PROBED == 0 => match crate::cmd::run_selftest()
-        {
-            Ok(report) => match loaded.record_verdict(&report) {
-                Ok(()) => log::info!(
-                    "selftest: safe_all={} safe_member={}",
-                    report.safe_all,
-                    report.safe_member
-                ),
-                Err(e) => log::warn!("cannot record the selftest verdict: {e}"),
-            },
-            // `auto` stays proxy-only without a verdict: the safe side.
-            Err(e) => log::warn!("selftest: {e:#}; `auto` means proxy-only until it passes"),
-        },
+        Ok(cfg) if opts.selftest.wanted() && cfg.kernel_flags & KERNEL_PROBED == 0 => {
+            match crate::kernel::run_selftest() {
+                Ok(report) => match loaded.record_verdict(&report) {
+                    Ok(()) => log::info!(
+                        "selftest: safe_all={} safe_member={}",
+                        report.safe_all,
+                        report.safe_member
+                    ),
+                    Err(e) => log::warn!("cannot record the selftest verdict: {e}"),
+                },
+                // `auto` stays proxy-only without a verdict: the safe side.
+                Err(e) => log::warn!("selftest: {e:#}; `auto` means proxy-only until it passes"),
+            }
+        }
         Ok(_) => {}
         Err(e) => log::warn!("cannot read mb_config: {e}"),
     }
     if stats.load_problem().is_some() {
         log::info!(
             "the node's maps are loaded at {} now: the bypass is on",
-            opts.bpf_root.display()
+            root.display()
         );
     }
     *node.lock().unwrap_or_else(|p| p.into_inner()) = Some(loaded);
@@ -260,16 +240,13 @@ fn kube_setup(opts: &RunOptions) -> Option<KubeSetup> {
     })
 }
 
-fn settings_entry(opts: &RunOptions) -> Result<Value, InstallError> {
-    installer::entry(
-        opts.plugin_config.as_deref(),
-        &opts.bpf_root,
-        Some(&opts.state_dir),
-    )
+fn settings_entry(root: &Path, opts: &RunOptions) -> Result<Value, InstallError> {
+    installer::entry(opts.paths.plugin_config.as_deref(), root, Some(&opts.state_dir))
 }
 
 /// The probes answer at once (no lock but the small ones of [`Stats`]); a
-/// scrape reads the maps under the node lock, on a thread of its own.
+/// scrape reads the maps under the node lock (one walk of each map, so
+/// O(entries) whatever the number of pods), on a thread of its own.
 fn handler(stats: Arc<Stats>, node: SharedNode) -> Handler {
     Arc::new(move |path| match path {
         "/readyz" => Route::Now(match stats.readiness() {
@@ -280,11 +257,16 @@ fn handler(stats: Arc<Stats>, node: SharedNode) -> Handler {
         "/metrics" => {
             let (stats, node) = (stats.clone(), node.clone());
             Route::Later(Box::new(move || {
-                let guard = node.lock().unwrap_or_else(|p| p.into_inner());
+                // The lock is held for one walk of each map, not for writing.
+                let snapshot = node
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .as_ref()
+                    .map(Snapshot::read);
                 Response {
                     status: 200,
                     content_type: "text/plain; version=0.0.4; charset=utf-8",
-                    body: metrics::render(&stats, guard.as_ref()),
+                    body: metrics::render(&stats, snapshot.as_ref()),
                 }
             }))
         }
@@ -294,6 +276,7 @@ fn handler(stats: Arc<Stats>, node: SharedNode) -> Handler {
 
 /// The loop; returns the signal that ended it.
 fn serve(
+    root: &Path,
     opts: &RunOptions,
     installer: &mut Installer,
     watcher: &Watcher,
@@ -310,13 +293,13 @@ fn serve(
         if dirty {
             dirty = false;
             retry_at = None;
-            if !reconcile(opts, installer, watcher, stats, &mut waiting_logged) {
+            if !reconcile(root, opts, installer, watcher, stats, &mut waiting_logged) {
                 retry_at = Some(Instant::now() + RETRY);
             }
         }
         let now = Instant::now();
         if !stats.loaded.load(Ordering::Relaxed) && now >= next_load {
-            load(opts, node, stats);
+            load(root, opts, node, stats);
             next_load = Instant::now() + LOAD_RETRY;
             continue;
         }
@@ -382,8 +365,8 @@ fn settle(signals: &SignalFd, watcher: &Watcher) -> anyhow::Result<()> {
 
 /// Reads the settings through the plugin's parser; a refused file keeps the
 /// entry we have (or, at startup, the one an earlier run chained).
-fn update_settings(opts: &RunOptions, installer: &mut Installer, stats: &Stats) {
-    let err = match settings_entry(opts) {
+fn update_settings(root: &Path, opts: &RunOptions, installer: &mut Installer, stats: &Stats) {
+    let err = match settings_entry(root, opts) {
         Ok(entry) => {
             if let Some(p) = stats.settings_problem() {
                 log::info!("the plugin settings are valid again (were: {})", p.reason);
@@ -401,7 +384,7 @@ fn update_settings(opts: &RunOptions, installer: &mut Installer, stats: &Stats) 
                 installer.set_entry(entry);
             }
             Ok(None) => {}
-            Err(e) => log::warn!("reading our chained entry: {}", crate::cmd::chain(&e)),
+            Err(e) => log::warn!("reading our chained entry: {}", crate::errors::chain(&e)),
         }
     }
     let keeping = if installer.has_entry() {
@@ -409,7 +392,7 @@ fn update_settings(opts: &RunOptions, installer: &mut Installer, stats: &Stats) 
     } else {
         "nothing is chained until they are valid"
     };
-    let message = format!("{}; {keeping}", crate::cmd::chain(&err));
+    let message = format!("{}; {keeping}", crate::errors::chain(&err));
     if stats.settings_problem().is_none_or(|p| p.message != message) {
         stats.settings_rejections.fetch_add(1, Ordering::Relaxed);
         log::error!("{message}");
@@ -422,13 +405,14 @@ fn update_settings(opts: &RunOptions, installer: &mut Installer, stats: &Stats) 
 
 /// One pass; `false` when it failed (retried after [`RETRY`]).
 fn reconcile(
+    root: &Path,
     opts: &RunOptions,
     installer: &mut Installer,
     watcher: &Watcher,
     stats: &Stats,
     waiting_logged: &mut bool,
 ) -> bool {
-    update_settings(opts, installer, stats);
+    update_settings(root, opts, installer, stats);
     let result = installer.reconcile();
     // The dirs exist now (reconcile makes them): watch them.
     watcher.ensure();
@@ -457,7 +441,7 @@ fn reconcile(
         Err(e) => {
             stats.installed.store(installer.is_installed(), Ordering::Relaxed);
             stats.reconcile_errors.fetch_add(1, Ordering::Relaxed);
-            log::warn!("{}", crate::cmd::chain(&e));
+            log::warn!("{}", crate::errors::chain(&e));
             false
         }
     }
@@ -479,7 +463,7 @@ fn collect_garbage(state_dir: &Path, node: &SharedNode, stats: &Stats) {
         }
         Err(e) => {
             stats.gc_errors.fetch_add(1, Ordering::Relaxed);
-            log::warn!("{}", crate::cmd::chain(&e));
+            log::warn!("{}", crate::errors::chain(&e));
         }
     }
 }

@@ -1,273 +1,293 @@
-//! Command-line parsing (no dependency: a handful of flags).
+//! The command line (clap). Every flag can also come from a `MESHBYPASS_*`
+//! environment variable (`--bpf-root` from `MESHBYPASS_BPF_ROOT`, ...); a
+//! flag on the command line wins. `--flag value` and `--flag=value` both work.
 
 use std::{path::PathBuf, time::Duration};
 
+use clap::{Args, Parser, Subcommand, ValueEnum, builder::BoolishValueParser};
 use meshbypass_ebpf::pins::DEFAULT_BPF_ROOT;
 
 use crate::{
-    agent::RunOptions,
     installer::{DEFAULT_CNI_BIN_DIR, DEFAULT_CNI_CONF_DIR, DEFAULT_STATE_DIR},
     kubeconfig::{DEFAULT_CA_FILE, DEFAULT_KUBECONFIG_OUT, DEFAULT_TOKEN_FILE},
 };
 
 /// `/readyz` and `/metrics` (hostNetwork: a port no common node agent uses).
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:9478";
-pub const DEFAULT_GC_INTERVAL: Duration = Duration::from_secs(60);
 /// The DaemonSet of `install/deploy/daemonset.yaml`.
 pub const DEFAULT_DAEMONSET: &str = "meshbypass-node";
 
-pub const USAGE: &str = "\
-usage: meshbypass-node <command> [--bpf-root DIR] [options]
-
-commands:
-  load       create the node's pinned maps and programs, or reuse them;
-             runs the kernel selftest once and records its verdict
-             (--no-selftest to skip; `auto` then means proxy-only)
-  unload     detach everything and remove every pin (per-pod links too)
-  status     show whether the maps are loaded, registered pods, counters
-             (--json for one JSON object)
-  selftest   probe this kernel's sockmap hazards in a private netns and
-             cgroup; records the verdict when the maps are loaded (--json)
-  install    one shot, for hosts without Kubernetes: check the settings
-             with the plugin's parser, load (as `load`; a failure is a
-             warning: the plugin is installed anyway), copy the plugin into
-             the CNI bin dir, chain it into the primary conflist
-  uninstall  one shot: remove our conflist entry, then the plugin binary;
-             the maps stay unless --cleanup
-  run        the DaemonSet's main: load, install, keep installed (inotify),
-             serve /readyz and /metrics, GC dead pods' state. Settings are
-             checked by the plugin's parser first (a bad edit keeps the last
-             good entry). A failed load still installs (redirect without the
-             bypass) and is retried. SIGTERM/SIGINT leave the plugin in place
-             unless the DaemonSet is being deleted (asked of the API server):
-             then entry first, then binary; maps and pod links stay unless
-             --cleanup
-
-options:
-  --bpf-root DIR         pin root (default /sys/fs/bpf/meshbypass)
-  --json                 machine-readable output (status, selftest, load)
-  --no-selftest          load, install, run: do not probe the kernel
-  -v, --verbose          debug logs on stderr
-install, uninstall, run:
-  --cni-bin-dir DIR      default /opt/cni/bin
-  --cni-conf-dir DIR     default /etc/cni/net.d
-  --plugin-binary FILE   the plugin to copy (default: `meshbypass` beside
-                         this executable)
-  --plugin-config FILE   JSON object: our conflist entry's settings
-                         (default {\"type\": \"meshbypass\"}); `bpfRoot` and
-                         `stateDir` are added when non-default flags set them
-  --cleanup              uninstall, run: also unload the maps and pod links
-                         (run: only when the DaemonSet is being deleted)
-run:
-  --listen ADDR:PORT     HTTP for /readyz, /healthz, /metrics
-                         (default 0.0.0.0:9478)
-  --daemonset NAME       our DaemonSet, in the service account's namespace
-                         (default meshbypass-node): at SIGTERM the plugin is
-                         removed only if it is gone or being deleted
-  --state-dir DIR        the plugin's state records (default /run/meshbypass)
-  --gc-interval SECS     GC of state whose netns is gone (default 60)
-  --kubeconfig-out FILE  plugin kubeconfig, written when in a cluster
-                         (default /etc/cni/net.d/meshbypass-kubeconfig)
-  --token-file FILE      service account token
-                         (default /var/run/secrets/kubernetes.io/serviceaccount/token)
-  --ca-file FILE         service account CA (default .../serviceaccount/ca.crt)";
-
-/// Where the plugin goes and with which settings (install, uninstall).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HostPaths {
-    pub cni_bin_dir: PathBuf,
-    pub cni_conf_dir: PathBuf,
-    pub plugin_binary: Option<PathBuf>,
-    pub plugin_config: Option<PathBuf>,
+#[derive(Debug, Parser)]
+#[command(
+    name = "meshbypass-node",
+    version,
+    // A flag given twice: the last one wins (a manifest's args after an
+    // image's defaults).
+    args_override_self = true,
+    about = "meshbypass node agent: the node's shared BPF maps, the kernel selftest, \
+             installing the CNI plugin, and the DaemonSet's main loop",
+    after_help = "Every flag can also be set by an environment variable: MESHBYPASS_ and the \
+                  flag's name in capitals (--bpf-root: MESHBYPASS_BPF_ROOT)."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// Pin root of the node's maps, programs and pod links.
+    #[arg(
+        long,
+        global = true,
+        value_name = "DIR",
+        env = "MESHBYPASS_BPF_ROOT",
+        default_value = DEFAULT_BPF_ROOT,
+        value_parser = absolute_path
+    )]
+    pub bpf_root: PathBuf,
+    /// Debug logs.
+    #[arg(short, long, global = true, env = "MESHBYPASS_VERBOSE", value_parser = BoolishValueParser::new())]
+    pub verbose: bool,
+    /// Log lines (stderr) and the plugin's decisions (`run`, stdout) as
+    /// text or as one JSON object per line.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        value_name = "FORMAT",
+        env = "MESHBYPASS_LOG_FORMAT",
+        default_value_t = LogFormat::Text
+    )]
+    pub log_format: LogFormat,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
 pub enum Command {
+    /// Create the node's pinned maps and programs, or reuse them; runs the
+    /// kernel selftest once and records its verdict.
     Load {
-        selftest: bool,
+        #[command(flatten)]
+        selftest: Selftest,
+        #[command(flatten)]
+        output: Output,
     },
-    Unload,
-    Status,
-    Selftest,
+    /// Detach everything and remove every pin (per-pod links too).
+    Unload {
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Whether the maps are loaded, registered pods (with their names from
+    /// the plugin's records), map usage, counters.
+    Status {
+        #[command(flatten)]
+        output: Output,
+        /// The plugin's state records (pod namespace and name by netns).
+        #[arg(long, value_name = "DIR", env = "MESHBYPASS_STATE_DIR",
+              default_value = DEFAULT_STATE_DIR, value_parser = absolute_path)]
+        state_dir: PathBuf,
+    },
+    /// Probe this kernel's sockmap hazards in a private netns and cgroup;
+    /// records the verdict when the maps are loaded.
+    Selftest {
+        #[command(flatten)]
+        output: Output,
+    },
+    /// One shot, for hosts without Kubernetes: check the settings with the
+    /// plugin's parser, load (a failure is a warning: the plugin is
+    /// installed anyway), copy the plugin into the CNI bin dir, chain it into
+    /// the primary conflist.
     Install {
+        #[command(flatten)]
         paths: HostPaths,
-        selftest: bool,
+        #[command(flatten)]
+        selftest: Selftest,
     },
+    /// One shot: remove our conflist entry, then the plugin binary; the maps
+    /// stay unless --cleanup.
     Uninstall {
-        paths: HostPaths,
+        #[command(flatten)]
+        dirs: CniDirs,
+        /// Also unload the maps and pod links.
+        #[arg(long, env = "MESHBYPASS_CLEANUP", value_parser = BoolishValueParser::new())]
         cleanup: bool,
     },
-    Run(Box<RunOptions>),
+    /// The DaemonSet's main: load, install, keep installed, serve /readyz
+    /// and /metrics, re-emit the plugin's decisions, GC dead pods' state.
+    ///
+    /// Settings are checked by the plugin's parser first (a bad edit keeps
+    /// the last good entry). A failed load still installs (redirect without
+    /// the bypass) and is retried. SIGTERM/SIGINT leave the plugin in place
+    /// unless the DaemonSet is being deleted (asked of the API server): then
+    /// entry first, then binary; maps and pod links stay unless --cleanup.
+    Run(RunOptions),
     /// Internal: the selftest's child process.
+    #[command(hide = true)]
     SelftestProbe {
+        #[arg(long)]
         cgroup: PathBuf,
     },
 }
 
-#[derive(Debug, Clone)]
-pub struct Cli {
-    pub command: Command,
-    pub bpf_root: PathBuf,
+/// `--json`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Args)]
+pub struct Output {
+    /// Machine-readable output: one JSON object.
+    #[arg(long, env = "MESHBYPASS_JSON", value_parser = BoolishValueParser::new())]
     pub json: bool,
-    pub verbose: bool,
 }
 
-/// Flags that take a value, and the commands that accept them.
-const VALUE_FLAGS: [(&str, &[&str]); 13] = [
-    ("--bpf-root", &[]),
-    ("--cgroup", &["selftest-probe"]),
-    ("--cni-bin-dir", &["install", "uninstall", "run"]),
-    ("--cni-conf-dir", &["install", "uninstall", "run"]),
-    ("--plugin-binary", &["install", "run"]),
-    ("--plugin-config", &["install", "run"]),
-    ("--listen", &["run"]),
-    ("--state-dir", &["run"]),
-    ("--gc-interval", &["run"]),
-    ("--kubeconfig-out", &["run"]),
-    ("--token-file", &["run"]),
-    ("--ca-file", &["run"]),
-    ("--daemonset", &["run"]),
-];
+/// `--no-selftest`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Args)]
+pub struct Selftest {
+    /// Do not probe the kernel (`auto` then means proxy-only until a
+    /// selftest verdict is recorded).
+    #[arg(long, env = "MESHBYPASS_NO_SELFTEST", value_parser = BoolishValueParser::new())]
+    pub no_selftest: bool,
+}
 
-/// The flag's static name and whether `command` takes it; `None` if unknown.
-fn value_flag(flag: &str, command: &str) -> Option<(&'static str, bool)> {
-    VALUE_FLAGS
-        .iter()
-        .find(|(f, _)| *f == flag)
-        .map(|(f, cmds)| (*f, cmds.is_empty() || cmds.contains(&command)))
+impl Selftest {
+    pub fn wanted(self) -> bool {
+        !self.no_selftest
+    }
+}
+
+/// The host's CNI directories.
+#[derive(Debug, Clone, PartialEq, Eq, Args)]
+pub struct CniDirs {
+    /// Where the plugin binary goes (k3s: /var/lib/rancher/k3s/data/current/bin).
+    #[arg(long, value_name = "DIR", env = "MESHBYPASS_CNI_BIN_DIR",
+          default_value = DEFAULT_CNI_BIN_DIR, value_parser = absolute_path)]
+    pub cni_bin_dir: PathBuf,
+    /// Where the primary CNI's conflist is (k3s: /var/lib/rancher/k3s/agent/etc/cni/net.d).
+    #[arg(long, value_name = "DIR", env = "MESHBYPASS_CNI_CONF_DIR",
+          default_value = DEFAULT_CNI_CONF_DIR, value_parser = absolute_path)]
+    pub cni_conf_dir: PathBuf,
+}
+
+/// Where the plugin goes and with which settings (install, run).
+#[derive(Debug, Clone, PartialEq, Eq, Args)]
+pub struct HostPaths {
+    #[command(flatten)]
+    pub dirs: CniDirs,
+    /// The plugin to copy (default: `meshbypass` beside this executable).
+    #[arg(long, value_name = "FILE", env = "MESHBYPASS_PLUGIN_BINARY", value_parser = absolute_path)]
+    pub plugin_binary: Option<PathBuf>,
+    /// JSON object: our conflist entry's settings (default {"type":
+    /// "meshbypass"}); `bpfRoot` and `stateDir` are added from the flags
+    /// when absent.
+    #[arg(long, value_name = "FILE", env = "MESHBYPASS_PLUGIN_CONFIG", value_parser = absolute_path)]
+    pub plugin_config: Option<PathBuf>,
+}
+
+/// Everything `run` is told on the command line (`--bpf-root` is global).
+#[derive(Debug, Clone, PartialEq, Eq, Args)]
+pub struct RunOptions {
+    #[command(flatten)]
+    pub paths: HostPaths,
+    #[command(flatten)]
+    pub selftest: Selftest,
+    /// HTTP for /readyz, /healthz, /metrics.
+    #[arg(long, value_name = "ADDR:PORT", env = "MESHBYPASS_LISTEN", default_value = DEFAULT_LISTEN)]
+    pub listen: String,
+    /// The plugin's state records and its decision log (`log/`).
+    #[arg(long, value_name = "DIR", env = "MESHBYPASS_STATE_DIR",
+          default_value = DEFAULT_STATE_DIR, value_parser = absolute_path)]
+    pub state_dir: PathBuf,
+    /// Seconds between GCs of state whose netns is gone.
+    #[arg(long, value_name = "SECS", env = "MESHBYPASS_GC_INTERVAL",
+          default_value = "60", value_parser = parse_secs)]
+    pub gc_interval: Duration,
+    /// Also unload the maps and pod links, when the DaemonSet is being deleted.
+    #[arg(long, env = "MESHBYPASS_CLEANUP", value_parser = BoolishValueParser::new())]
+    pub cleanup: bool,
+    /// Plugin kubeconfig, written when in a cluster.
+    #[arg(long, value_name = "FILE", env = "MESHBYPASS_KUBECONFIG_OUT",
+          default_value = DEFAULT_KUBECONFIG_OUT, value_parser = absolute_path)]
+    pub kubeconfig_out: PathBuf,
+    /// Service account token.
+    #[arg(long, value_name = "FILE", env = "MESHBYPASS_TOKEN_FILE",
+          default_value = DEFAULT_TOKEN_FILE, value_parser = absolute_path)]
+    pub token_file: PathBuf,
+    /// Service account CA.
+    #[arg(long, value_name = "FILE", env = "MESHBYPASS_CA_FILE",
+          default_value = DEFAULT_CA_FILE, value_parser = absolute_path)]
+    pub ca_file: PathBuf,
+    /// Our DaemonSet, in the service account's namespace: at SIGTERM the
+    /// plugin is removed only if it is gone or being deleted.
+    #[arg(long, value_name = "NAME", env = "MESHBYPASS_DAEMONSET",
+          default_value = DEFAULT_DAEMONSET, value_parser = object_name)]
+    pub daemonset: String,
+}
+
+fn absolute_path(s: &str) -> Result<PathBuf, String> {
+    let p = PathBuf::from(s);
+    if p.is_absolute() {
+        Ok(p)
+    } else {
+        Err(format!("must be an absolute path, got {s:?}"))
+    }
 }
 
 fn parse_secs(s: &str) -> Result<Duration, String> {
     let n = s.strip_suffix('s').unwrap_or(s);
     match n.parse::<u64>() {
         Ok(secs) if secs > 0 => Ok(Duration::from_secs(secs)),
-        _ => Err(format!(
-            "--gc-interval wants a positive number of seconds, got {s:?}"
-        )),
+        _ => Err(format!("wants a positive number of seconds, got {s:?}")),
     }
 }
 
-pub fn parse(args: &[String]) -> Result<Cli, String> {
-    let mut it = args.iter();
-    let name = it.next().ok_or("no command given")?;
-    let mut values: std::collections::HashMap<&str, String> = std::collections::HashMap::new();
-    let mut json = false;
-    let mut verbose = false;
-    let mut selftest = true;
-    let mut cleanup = false;
-    while let Some(arg) = it.next() {
-        match arg.as_str() {
-            "--json" => json = true,
-            "--no-selftest" => selftest = false,
-            "--cleanup" => cleanup = true,
-            "-v" | "--verbose" => verbose = true,
-            flag => match value_flag(flag, name) {
-                Some((flag, true)) => {
-                    let v = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
-                    values.insert(flag, v.clone());
-                }
-                Some((flag, false)) => return Err(format!("{flag} does not apply to {name}")),
-                None => return Err(format!("unknown option {flag:?}")),
-            },
-        }
+fn object_name(s: &str) -> Result<String, String> {
+    if crate::removal::is_object_name(s) {
+        Ok(s.to_owned())
+    } else {
+        Err(format!("wants a Kubernetes object name, got {s:?}"))
     }
-    if cleanup && !matches!(name.as_str(), "uninstall" | "run") {
-        return Err(format!("--cleanup does not apply to {name}"));
-    }
-    let path = |flag: &str, default: &str| -> Result<PathBuf, String> {
-        let p = PathBuf::from(values.get(flag).map_or(default, String::as_str));
-        if p.is_absolute() {
-            Ok(p)
-        } else {
-            Err(format!("{flag} must be absolute, got {}", p.display()))
-        }
-    };
-    let opt_path = |flag: &str| -> Result<Option<PathBuf>, String> {
-        values.get(flag).map(|_| path(flag, "")).transpose()
-    };
-    let bpf_root = path("--bpf-root", DEFAULT_BPF_ROOT)?;
-    let host_paths = || -> Result<HostPaths, String> {
-        Ok(HostPaths {
-            cni_bin_dir: path("--cni-bin-dir", DEFAULT_CNI_BIN_DIR)?,
-            cni_conf_dir: path("--cni-conf-dir", DEFAULT_CNI_CONF_DIR)?,
-            plugin_binary: opt_path("--plugin-binary")?,
-            plugin_config: opt_path("--plugin-config")?,
-        })
-    };
-    let command = match name.as_str() {
-        "load" => Command::Load { selftest },
-        "unload" => Command::Unload,
-        "status" => Command::Status,
-        "selftest" => Command::Selftest,
-        "install" => Command::Install {
-            paths: host_paths()?,
-            selftest,
-        },
-        "uninstall" => Command::Uninstall {
-            paths: host_paths()?,
-            cleanup,
-        },
-        "run" => {
-            let p = host_paths()?;
-            Command::Run(Box::new(RunOptions {
-                bpf_root: bpf_root.clone(),
-                cni_bin_dir: p.cni_bin_dir,
-                cni_conf_dir: p.cni_conf_dir,
-                plugin_binary: p.plugin_binary,
-                plugin_config: p.plugin_config,
-                listen: values
-                    .get("--listen")
-                    .cloned()
-                    .unwrap_or_else(|| DEFAULT_LISTEN.into()),
-                state_dir: path("--state-dir", DEFAULT_STATE_DIR)?,
-                gc_interval: values
-                    .get("--gc-interval")
-                    .map_or(Ok(DEFAULT_GC_INTERVAL), |s| parse_secs(s))?,
-                cleanup,
-                selftest,
-                kubeconfig_out: path("--kubeconfig-out", DEFAULT_KUBECONFIG_OUT)?,
-                token_file: path("--token-file", DEFAULT_TOKEN_FILE)?,
-                ca_file: path("--ca-file", DEFAULT_CA_FILE)?,
-                daemonset: match values.get("--daemonset") {
-                    None => DEFAULT_DAEMONSET.into(),
-                    Some(n) if crate::removal::is_object_name(n) => n.clone(),
-                    Some(n) => return Err(format!("--daemonset wants a Kubernetes object name, got {n:?}")),
-                },
-            }))
-        }
-        "selftest-probe" => Command::SelftestProbe {
-            cgroup: values
-                .get("--cgroup")
-                .ok_or("selftest-probe needs --cgroup")?
-                .into(),
-        },
-        "-h" | "--help" | "help" => return Err("help".into()),
-        other => return Err(format!("unknown command {other:?}")),
-    };
-    Ok(Cli {
-        command,
-        bpf_root,
-        json,
-        verbose,
-    })
 }
 
 #[cfg(test)]
 mod tests {
+    use clap::CommandFactory;
+
     use super::*;
 
-    fn args(s: &str) -> Vec<String> {
-        s.split_whitespace().map(String::from).collect()
+    fn parse(s: &str) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("meshbypass-node").chain(s.split_whitespace()))
+    }
+
+    #[test]
+    fn definition_is_consistent() {
+        Cli::command().debug_assert();
     }
 
     #[test]
     fn parses_commands_and_flags() {
-        let c = parse(&args("status --json --bpf-root /sys/fs/bpf/x")).unwrap();
-        assert_eq!(c.command, Command::Status);
-        assert!(c.json);
+        let c = parse("status --json --bpf-root /sys/fs/bpf/x").unwrap();
+        assert_eq!(
+            c.command,
+            Command::Status {
+                output: Output { json: true },
+                state_dir: DEFAULT_STATE_DIR.into()
+            }
+        );
         assert_eq!(c.bpf_root, PathBuf::from("/sys/fs/bpf/x"));
-        let c = parse(&args("load --no-selftest")).unwrap();
-        assert_eq!(c.command, Command::Load { selftest: false });
+        assert_eq!(c.log_format, LogFormat::Text);
+        // --flag=value, and global flags before the command.
+        let c = parse("--bpf-root=/sys/fs/bpf/y load --no-selftest --log-format=json").unwrap();
+        assert_eq!(
+            c.command,
+            Command::Load {
+                selftest: Selftest { no_selftest: true },
+                output: Output { json: false }
+            }
+        );
+        assert_eq!(c.bpf_root, PathBuf::from("/sys/fs/bpf/y"));
+        assert_eq!(c.log_format, LogFormat::Json);
+        let c = parse("status --bpf-root /a --bpf-root=/b").unwrap();
+        assert_eq!(c.bpf_root, PathBuf::from("/b"));
+        let c = parse("unload").unwrap();
         assert_eq!(c.bpf_root, PathBuf::from(DEFAULT_BPF_ROOT));
     }
 
@@ -288,53 +308,53 @@ mod tests {
             "uninstall --plugin-binary /x",
             "run --daemonset ../x",
             "install --daemonset x",
+            "run --log-format yaml",
         ] {
-            assert!(parse(&args(bad)).is_err(), "{bad:?} accepted");
+            assert!(parse(bad).is_err(), "{bad:?} accepted");
         }
     }
 
     #[test]
     fn parses_install_uninstall_and_run() {
-        let c = parse(&args(
-            "install --cni-bin-dir /b --cni-conf-dir /c --plugin-config /s.json",
-        ))
-        .unwrap();
+        let c = parse("install --cni-bin-dir /b --cni-conf-dir=/c --plugin-config /s.json").unwrap();
         assert_eq!(
             c.command,
             Command::Install {
                 paths: HostPaths {
-                    cni_bin_dir: "/b".into(),
-                    cni_conf_dir: "/c".into(),
+                    dirs: CniDirs {
+                        cni_bin_dir: "/b".into(),
+                        cni_conf_dir: "/c".into(),
+                    },
                     plugin_binary: None,
                     plugin_config: Some("/s.json".into()),
                 },
-                selftest: true,
+                selftest: Selftest { no_selftest: false },
             }
         );
-        let c = parse(&args("uninstall --cleanup")).unwrap();
-        let Command::Uninstall { paths, cleanup } = c.command else {
+        let c = parse("uninstall --cleanup").unwrap();
+        let Command::Uninstall { dirs, cleanup } = c.command else {
             panic!("not uninstall: {:?}", c.command)
         };
         assert!(cleanup);
-        assert_eq!(paths.cni_bin_dir, PathBuf::from(DEFAULT_CNI_BIN_DIR));
-        let c = parse(&args(
-            "run --listen 127.0.0.1:0 --gc-interval 5s --no-selftest --bpf-root /sys/fs/bpf/t",
-        ))
-        .unwrap();
+        assert_eq!(dirs.cni_bin_dir, PathBuf::from(DEFAULT_CNI_BIN_DIR));
+        let c = parse("run --listen 127.0.0.1:0 --gc-interval 5s --no-selftest --bpf-root /sys/fs/bpf/t")
+            .unwrap();
         let Command::Run(opts) = c.command else {
             panic!("not run: {:?}", c.command)
         };
         assert_eq!(opts.listen, "127.0.0.1:0");
         assert_eq!(opts.gc_interval, Duration::from_secs(5));
-        assert!(!opts.selftest);
-        assert_eq!(opts.bpf_root, PathBuf::from("/sys/fs/bpf/t"));
+        assert!(!opts.selftest.wanted());
+        assert_eq!(c.bpf_root, PathBuf::from("/sys/fs/bpf/t"));
         assert_eq!(opts.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
         assert_eq!(opts.token_file, PathBuf::from(DEFAULT_TOKEN_FILE));
         assert_eq!(opts.daemonset, DEFAULT_DAEMONSET);
-        let c = parse(&args("run --daemonset mb-node")).unwrap();
+        assert_eq!(opts.gc_interval, Duration::from_secs(5));
+        let c = parse("run --daemonset mb-node --gc-interval=7").unwrap();
         let Command::Run(opts) = c.command else {
             panic!("not run: {:?}", c.command)
         };
         assert_eq!(opts.daemonset, "mb-node");
+        assert_eq!(opts.gc_interval, Duration::from_secs(7));
     }
 }

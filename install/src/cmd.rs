@@ -1,34 +1,29 @@
 //! The subcommands.
 
-use std::{path::Path, process::ExitCode, sync::Arc, time::Duration};
+use std::{path::Path, process::ExitCode, sync::Arc};
 
 use anyhow::Context;
-use meshbypass_ebpf::{
-    Counter, NodeMaps,
-    abi::{KERNEL_PROBED, KERNEL_SAFE_ALL, KERNEL_SAFE_MEMBER, LAYOUT_VERSION},
-    loader,
-    maps::OpenError,
-    selftest,
-};
+use meshbypass_ebpf::{NodeMaps, abi::KERNEL_PROBED, loader, maps::OpenError, selftest};
 use serde_json::json;
 
 use crate::{
     agent,
-    cli::{Cli, Command, HostPaths},
+    cli::{Cli, CniDirs, Command, HostPaths},
     confdir::{Chained, ConfDir},
     installer::{self, Installer},
+    kernel::run_selftest,
     metrics::Stats,
+    status::{self, auto_mode},
 };
-
-const SELFTEST_TIMEOUT: Duration = Duration::from_secs(20);
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let root = cli.bpf_root.as_path();
+    let log_format = cli.log_format;
     match cli.command {
-        Command::Load { selftest } => load(root, selftest, cli.json),
-        Command::Unload => {
+        Command::Load { selftest, output } => load(root, selftest.wanted(), output.json),
+        Command::Unload { output } => {
             let report = loader::unload(root).with_context(|| format!("unloading {}", root.display()))?;
-            if cli.json {
+            if output.json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {
                 println!(
@@ -40,14 +35,14 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Status => status(root, cli.json),
-        Command::Install { paths, selftest } => install(root, &paths, selftest),
-        Command::Uninstall { paths, cleanup } => uninstall(root, &paths, cleanup),
+        Command::Status { output, state_dir } => status::run(root, &state_dir, output.json),
+        Command::Install { paths, selftest } => install(root, &paths, selftest.wanted()),
+        Command::Uninstall { dirs, cleanup } => uninstall(root, &dirs, cleanup),
         Command::Run(opts) => {
-            agent::run(&opts)?;
+            agent::run(root, &opts, log_format)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Selftest => {
+        Command::Selftest { output } => {
             let report = run_selftest()?;
             // Record the verdict when the node is loaded here.
             match NodeMaps::open(root) {
@@ -57,7 +52,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Err(OpenError::NotLoaded { .. }) => {}
                 Err(e) => return Err(e).context("opening the node's maps"),
             }
-            if cli.json {
+            if output.json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 print_selftest(&report);
@@ -73,28 +68,17 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// An error and its sources on one line (for log lines outside anyhow).
-pub(crate) fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        cur = s.source();
-    }
-    out
-}
-
 /// `install`: check the settings, load (with the selftest once), copy the
 /// plugin, chain it. A failed load is a warning: the plugin is installed
 /// anyway (pods get their redirect; the bypass waits for the maps).
 fn install(root: &Path, paths: &HostPaths, run_probe: bool) -> anyhow::Result<ExitCode> {
-    let conf = ConfDir::new(&paths.cni_conf_dir);
+    let dirs = &paths.dirs;
+    let conf = ConfDir::new(&dirs.cni_conf_dir);
     if conf.primary()?.is_none() {
         anyhow::bail!(
             "no CNI network config (*.conflist, *.conf, *.json) in {}: install the primary CNI first \
              (for a plain host, conflist/bridge.conflist is an example)",
-            paths.cni_conf_dir.display()
+            dirs.cni_conf_dir.display()
         );
     }
     let entry = installer::entry(paths.plugin_config.as_deref(), root, None)?;
@@ -106,11 +90,11 @@ fn install(root: &Path, paths: &HostPaths, run_probe: bool) -> anyhow::Result<Ex
     }
     let binary = match &paths.plugin_binary {
         Some(p) => p.clone(),
-        None => agent::default_plugin_binary()?,
+        None => installer::default_plugin_binary().context("locating this executable")?,
     };
     let mut inst = Installer::new(
-        &paths.cni_bin_dir,
-        &paths.cni_conf_dir,
+        &dirs.cni_bin_dir,
+        &dirs.cni_conf_dir,
         &binary,
         Some(entry),
         None,
@@ -130,25 +114,25 @@ fn install(root: &Path, paths: &HostPaths, run_probe: bool) -> anyhow::Result<Ex
         Chained::NoSettings => anyhow::bail!("no plugin settings to chain"),
         Chained::NoPrimary => anyhow::bail!(
             "the CNI network config in {} disappeared while installing",
-            paths.cni_conf_dir.display()
+            dirs.cni_conf_dir.display()
         ),
         Chained::Unchanged { file } => {
-            println!("already chained into {}", paths.cni_conf_dir.join(file).display())
+            println!("already chained into {}", dirs.cni_conf_dir.join(file).display())
         }
-        Chained::Written { file } => println!("chained into {}", paths.cni_conf_dir.join(file).display()),
+        Chained::Written { file } => println!("chained into {}", dirs.cni_conf_dir.join(file).display()),
     }
     Ok(ExitCode::SUCCESS)
 }
 
 /// `uninstall`: our conflist entries first, then the binary; `--cleanup`
 /// also unloads the maps and pod links.
-fn uninstall(root: &Path, paths: &HostPaths, cleanup: bool) -> anyhow::Result<ExitCode> {
-    let removed = installer::uninstall(&paths.cni_conf_dir, &paths.cni_bin_dir, None)?;
+fn uninstall(root: &Path, dirs: &CniDirs, cleanup: bool) -> anyhow::Result<ExitCode> {
+    let removed = installer::uninstall(&dirs.cni_conf_dir, &dirs.cni_bin_dir, None)?;
     if removed.is_empty() {
         println!(
             "nothing to remove in {} or {}",
-            paths.cni_conf_dir.display(),
-            paths.cni_bin_dir.display()
+            dirs.cni_conf_dir.display(),
+            dirs.cni_bin_dir.display()
         );
     }
     for path in &removed {
@@ -164,11 +148,6 @@ fn uninstall(root: &Path, paths: &HostPaths, cleanup: bool) -> anyhow::Result<Ex
         );
     }
     Ok(ExitCode::SUCCESS)
-}
-
-pub(crate) fn run_selftest() -> anyhow::Result<selftest::Report> {
-    let exe = std::env::current_exe().context("locating this binary for the probe process")?;
-    selftest::run(&exe, SELFTEST_TIMEOUT).context("running the kernel selftest")
 }
 
 fn load(root: &Path, run_probe: bool, json_out: bool) -> anyhow::Result<ExitCode> {
@@ -204,14 +183,6 @@ fn load(root: &Path, run_probe: bool, json_out: bool) -> anyhow::Result<ExitCode
     Ok(ExitCode::SUCCESS)
 }
 
-fn auto_mode(kernel_flags: u32) -> &'static str {
-    if kernel_flags & KERNEL_SAFE_ALL != 0 {
-        "all"
-    } else {
-        "proxy-only"
-    }
-}
-
 fn print_selftest(r: &selftest::Report) {
     println!("kernel {}", r.kernel);
     println!("{:<15} {:<13} detail", "probe", "outcome");
@@ -231,96 +202,4 @@ fn print_selftest(r: &selftest::Report) {
             (false, false) => "hazards found (auto = proxy-only: sidecar-to-sidecar legs only)",
         }
     );
-}
-
-fn status(root: &Path, json_out: bool) -> anyhow::Result<ExitCode> {
-    let kernel = selftest::kernel_release();
-    let node = match NodeMaps::open(root) {
-        Ok(node) => node,
-        Err(OpenError::NotLoaded { .. }) => {
-            let zero: serde_json::Map<String, serde_json::Value> = Counter::ALL
-                .iter()
-                .map(|c| (c.name().to_owned(), json!(0)))
-                .collect();
-            if json_out {
-                println!(
-                    "{}",
-                    json!({"loaded": false, "bpf_root": root, "kernel": kernel, "pods": 0,
-                           "links": 0, "counters": zero, "hazards": []})
-                );
-            } else {
-                println!("not loaded at {} (run `meshbypass-node load`)", root.display());
-            }
-            return Ok(ExitCode::SUCCESS);
-        }
-        Err(e) => return Err(e).context("opening the node's maps"),
-    };
-    let cfg = node.config().context("reading mb_config")?;
-    let counters = node.counters().context("reading counters")?;
-    let pods = node.pods();
-    let links = node.links();
-    let (tx, rx) = node.socket_counts();
-    let (pairs, endpoints) = node.pairing_counts();
-    let hazards: Vec<_> = selftest::hazards(cfg.kernel_flags)
-        .map(|h| json!({"probe": h.probe, "effect": h.effect}))
-        .collect();
-    if json_out {
-        println!(
-            "{}",
-            json!({
-                "loaded": true,
-                "bpf_root": root,
-                "layout_version": LAYOUT_VERSION,
-                "programs": {
-                    "object_hash": format!("{:016x}", cfg.object_hash),
-                    "this_build": cfg.object_hash == loader::object_hash(),
-                },
-                "kernel": kernel,
-                "selftest": {
-                    "probed": cfg.kernel_flags & KERNEL_PROBED != 0,
-                    "safe_all": cfg.kernel_flags & KERNEL_SAFE_ALL != 0,
-                    "safe_member": cfg.kernel_flags & KERNEL_SAFE_MEMBER != 0,
-                    "probed_at": cfg.probed_at,
-                },
-                "auto": auto_mode(cfg.kernel_flags),
-                "hazards": hazards,
-                "pods": pods.len(),
-                "pod_list": pods,
-                "links": links.len(),
-                "sockets": {"tx": tx, "rx": rx},
-                "pairing": {"pairs": pairs, "endpoints": endpoints},
-                "counters": counters,
-            })
-        );
-    } else {
-        println!(
-            "loaded at {} (layout {LAYOUT_VERSION}), kernel {kernel}",
-            root.display()
-        );
-        let probed = if cfg.kernel_flags & KERNEL_PROBED != 0 {
-            "selftest recorded"
-        } else {
-            "no selftest recorded"
-        };
-        println!("acceleration auto = {} ({probed})", auto_mode(cfg.kernel_flags));
-        if cfg.object_hash != loader::object_hash() {
-            println!("programs: another build's (`meshbypass-node load` replaces them)");
-        }
-        for h in &hazards {
-            println!(
-                "hazard: {} — {}",
-                h["probe"].as_str().unwrap_or(""),
-                h["effect"].as_str().unwrap_or("")
-            );
-        }
-        println!(
-            "pods {}  links {}  sockets tx {tx} rx {rx}  pairs {pairs}  waiting {endpoints}",
-            pods.len(),
-            links.len()
-        );
-        for (name, value) in &counters.0 {
-            println!("  {name:<20} {value}");
-        }
-    }
-    Ok(ExitCode::SUCCESS)
 }

@@ -121,7 +121,7 @@ pub fn collect(state_dir: &Path, node: &mut NodeMaps) -> Result<GcReport, GcErro
                 }
             },
             Err(e) => {
-                log::warn!("gc: {e}: {}", error_chain(&e));
+                log::warn!("gc: {}", crate::errors::chain(&e));
                 report.errors += 1;
             }
         }
@@ -142,16 +142,6 @@ fn release(node: &mut NodeMaps, record: &Record) -> Result<(), GcError> {
             .map_err(|source| GcError::Unregister { cookie, source })?;
     }
     Ok(())
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = Vec::new();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        out.push(s.to_string());
-        cur = s.source();
-    }
-    out.join(": ")
 }
 
 #[cfg(test)]

@@ -32,6 +32,11 @@ pub const DEFAULT_CNI_CONF_DIR: &str = "/etc/cni/net.d";
 /// The plugin's default `stateDir` (cni-plugin/src/config.rs).
 pub const DEFAULT_STATE_DIR: &str = "/run/meshbypass";
 
+/// The plugin binary shipped beside this executable (the image has both).
+pub fn default_plugin_binary() -> io::Result<PathBuf> {
+    Ok(std::env::current_exe()?.with_file_name(PLUGIN_TYPE))
+}
+
 /// Between taking our entry out and deleting the binary: a runtime that
 /// read the conflist just before our edit still finds the binary.
 const UNINSTALL_GRACE: Duration = Duration::from_millis(500);
@@ -498,7 +503,7 @@ mod tests {
             fs::write(&settings, text).expect("writing settings");
             let err = entry(Some(&settings), root, None).expect_err(text);
             assert_eq!(err.settings_reason(), Some(reason), "{text}: {err:?}");
-            let message = crate::cmd::chain(&err);
+            let message = crate::errors::chain(&err);
             assert!(message.contains(names), "{text}: {message}");
         }
         fs::write(

@@ -1,5 +1,5 @@
 //! `meshbypass-node`: the node agent. This file reads the command line and
-//! dispatches; the subcommands are in `cmd.rs`, `run` in `agent.rs`.
+//! dispatches; the one-shot commands are in `cmd.rs`, `run` in `agent.rs`.
 
 mod agent;
 mod atomic;
@@ -7,59 +7,45 @@ mod cli;
 mod cmd;
 mod confdir;
 mod conflist;
+mod decisions;
+mod errors;
 mod gc;
 mod http;
 mod installer;
+mod kernel;
 mod kubeconfig;
+mod logging;
 mod metrics;
 mod removal;
+mod status;
 mod watch;
 
 use std::process::ExitCode;
 
+use clap::{CommandFactory, FromArgMatches};
+
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let cmd = match cli::parse(&args) {
-        Ok(cmd) => cmd,
-        Err(e) => {
-            eprintln!("meshbypass-node: {e}\n\n{}", cli::USAGE);
-            return ExitCode::from(2);
-        }
-    };
+    // --help and --version exit 0, a bad command line 2 (clap's usage).
+    // The version names the map layout: agents and plugins of one layout
+    // share a node's maps.
+    let version = format!(
+        "{} (map layout {})",
+        env!("CARGO_PKG_VERSION"),
+        meshbypass_ebpf::abi::LAYOUT_VERSION
+    );
+    let matches = cli::Cli::command().version(&*version.leak()).get_matches();
+    let cli = cli::Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     // The long-running and host-changing commands say what they do.
     let chatty = matches!(
-        cmd.command,
+        cli.command,
         cli::Command::Run(_) | cli::Command::Install { .. } | cli::Command::Uninstall { .. }
     );
-    init_logging(cmd.verbose, chatty);
-    match cmd::run(cmd) {
+    logging::init(cli.verbose, chatty, cli.log_format);
+    match cmd::run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("meshbypass-node: {e:#}");
+            log::error!("{e:#}");
             ExitCode::FAILURE
         }
-    }
-}
-
-fn init_logging(verbose: bool, chatty: bool) {
-    struct Stderr(log::LevelFilter);
-    impl log::Log for Stderr {
-        fn enabled(&self, m: &log::Metadata<'_>) -> bool {
-            m.level() <= self.0
-        }
-        fn log(&self, r: &log::Record<'_>) {
-            if self.enabled(r.metadata()) {
-                eprintln!("{}: {}", r.level().as_str().to_lowercase(), r.args());
-            }
-        }
-        fn flush(&self) {}
-    }
-    let level = match (verbose, chatty) {
-        (true, _) => log::LevelFilter::Debug,
-        (false, true) => log::LevelFilter::Info,
-        (false, false) => log::LevelFilter::Warn,
-    };
-    if log::set_boxed_logger(Box::new(Stderr(level))).is_ok() {
-        log::set_max_level(level);
     }
 }

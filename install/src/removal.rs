@@ -111,10 +111,10 @@ pub fn verdict(kube: Option<&KubeSetup>, ds: Option<&DaemonSetRef>, budget: Dura
     let access = kube
         .account
         .read()
-        .map_err(|e| crate::cmd::chain(&e))
+        .map_err(|e| crate::errors::chain(&e))
         .and_then(|creds| {
             let doc = kubeconfig::render(&kube.server, &creds);
-            meshbypass_cni::kubeconfig::parse(&doc, Path::new("/")).map_err(|e| crate::cmd::chain(&e))
+            meshbypass_cni::kubeconfig::parse(&doc, Path::new("/")).map_err(|e| crate::errors::chain(&e))
         });
     let client = match access {
         Ok(access) => Client::new(access),
@@ -175,7 +175,7 @@ fn ask(client: &Client, ds: &DaemonSetRef, budget: Duration) -> Verdict {
                         ),
                     };
                 }
-                _ => crate::cmd::chain(&e),
+                _ => crate::errors::chain(&e),
             },
         };
         if Instant::now() + PAUSE >= deadline {

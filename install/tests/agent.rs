@@ -158,8 +158,21 @@ impl Host {
 /// A running agent: killed on drop if the test did not stop it.
 struct Agent {
     child: Child,
+    /// stderr (the agent's log) and stdout (the plugin's decisions).
     logs: Arc<Mutex<Vec<String>>>,
+    stdout: Arc<Mutex<Vec<String>>>,
     addr: SocketAddr,
+}
+
+/// Collects the lines of `from` into `into`, echoed with `tag`.
+fn collect(from: impl Read + Send + 'static, into: &Arc<Mutex<Vec<String>>>, tag: &'static str) {
+    let into = into.clone();
+    thread::spawn(move || {
+        for line in BufReader::new(from).lines().map_while(Result::ok) {
+            eprintln!("{tag}: {line}");
+            into.lock().expect("log lock").push(line);
+        }
+    });
 }
 
 impl Agent {
@@ -179,35 +192,36 @@ impl Agent {
             ])
             .args(extra)
             .env_remove("KUBERNETES_SERVICE_HOST")
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         for (k, v) in env {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().expect("starting meshbypass-node run");
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let stderr = child.stderr.take().expect("the child's stderr");
-        {
-            let logs = logs.clone();
-            thread::spawn(move || {
-                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    eprintln!("agent: {line}");
-                    logs.lock().expect("log lock").push(line);
-                }
-            });
-        }
+        let (logs, stdout) = (Arc::new(Mutex::new(Vec::new())), Arc::new(Mutex::new(Vec::new())));
+        collect(child.stderr.take().expect("the child's stderr"), &logs, "agent");
+        collect(
+            child.stdout.take().expect("the child's stdout"),
+            &stdout,
+            "agent stdout",
+        );
         let mut addr = None;
+        // In a text line or inside a JSON one's "msg".
+        let listen_addr = |l: &str| -> Option<SocketAddr> {
+            let rest = l.split("/metrics on ").nth(1)?;
+            let end = rest
+                .find(|c: char| !(c.is_ascii_hexdigit() || ".:[]".contains(c)))
+                .unwrap_or(rest.len());
+            rest[..end].parse().ok()
+        };
         wait_for(STARTUP, "the agent's listen address in its log", || {
-            addr = logs
-                .lock()
-                .expect("log lock")
-                .iter()
-                .find_map(|l| l.split("/metrics on ").nth(1).and_then(|a| a.trim().parse().ok()));
+            addr = logs.lock().expect("log lock").iter().find_map(|l| listen_addr(l));
             addr.is_some()
         });
         Self {
             child,
             logs,
+            stdout,
             addr: addr.expect("an address"),
         }
     }
@@ -250,6 +264,10 @@ impl Agent {
         }
     }
 
+    fn stdout_lines(&self) -> Vec<String> {
+        self.stdout.lock().expect("log lock").clone()
+    }
+
     fn log_contains(&self, needle: &str) -> bool {
         self.logs
             .lock()
@@ -273,7 +291,8 @@ impl Drop for Agent {
 }
 
 /// Parses Prometheus text format 0.0.4: every sample line is
-/// `name{labels} value`; HELP/TYPE comments precede each family.
+/// `name{labels} value`; HELP/TYPE comments precede each family (a
+/// histogram's samples are `_bucket`, `_sum` and `_count`).
 fn parse_metrics(body: &str) -> BTreeMap<String, f64> {
     let mut out = BTreeMap::new();
     let mut typed = std::collections::HashSet::new();
@@ -282,7 +301,10 @@ fn parse_metrics(body: &str) -> BTreeMap<String, f64> {
             let mut it = rest.split_whitespace();
             let name = it.next().unwrap_or_else(|| panic!("bad TYPE line {line:?}"));
             let kind = it.next().unwrap_or_else(|| panic!("bad TYPE line {line:?}"));
-            assert!(matches!(kind, "counter" | "gauge"), "unexpected type in {line:?}");
+            assert!(
+                matches!(kind, "counter" | "gauge" | "histogram"),
+                "unexpected type in {line:?}"
+            );
             typed.insert(name.to_owned());
             continue;
         }
@@ -292,7 +314,11 @@ fn parse_metrics(body: &str) -> BTreeMap<String, f64> {
         let (series, value) = line
             .rsplit_once(' ')
             .unwrap_or_else(|| panic!("bad sample {line:?}"));
-        let family = series.split('{').next().unwrap_or_default();
+        let name = series.split('{').next().unwrap_or_default();
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|suffix| name.strip_suffix(suffix).filter(|base| typed.contains(*base)))
+            .unwrap_or(name);
         assert!(typed.contains(family), "sample {line:?} before its TYPE line");
         let ok_name = family
             .bytes()
@@ -840,10 +866,12 @@ fn run_installs_repairs_serves_and_stays_on_sigterm() {
         ) == 1.0
     });
     assert_eq!(metric(&m, "meshbypass_pods"), 0.0);
-    assert!(
-        m.contains_key("meshbypass_datapath_redirected_msgs_total"),
-        "no datapath counters"
+    assert_eq!(
+        metric(&m, "meshbypass_datapath_messages_total{path=\"redirected\"}"),
+        0.0
     );
+    assert_eq!(metric(&m, "meshbypass_map_entries{map=\"mb_netns\"}"), 0.0);
+    assert_eq!(metric(&m, "meshbypass_map_capacity{map=\"mb_netns\"}"), 4096.0);
     for probe in ["redirect", "splice-reader", "fionread", "blocking-read"] {
         let v = metric(&m, &format!("meshbypass_kernel_hazard{{probe=\"{probe}\"}}"));
         assert!(v == 0.0 || v == 1.0, "hazard {probe} = {v}");
@@ -1491,4 +1519,194 @@ fn install_and_uninstall_one_shot() {
         ok && out.contains("nothing to remove"),
         "a second uninstall: {out}"
     );
+}
+
+/// A pod's ADD and DEL through the plugin the agent installed: each
+/// decision is re-emitted on the agent's stdout (as JSON with
+/// `--log-format=json`), counted in `/metrics` with its latency, and the
+/// registered pod shows in the map usage and in `status --json` with its
+/// namespace and name from the plugin's record.
+#[test]
+fn decisions_reach_stdout_metrics_and_status() {
+    let host = Host::new("decide");
+    let primary = write_primary(&host.conf);
+    let plugin = real_plugin();
+    let agent = Agent::start(
+        &host,
+        &[
+            "--no-selftest",
+            "--log-format=json",
+            "--plugin-binary",
+            plugin.to_str().expect("utf-8"),
+        ],
+        &[],
+    );
+    wait_for(STARTUP, "the agent to be ready", || agent.get("/readyz").0 == 200);
+    let m = agent.metrics();
+    assert_eq!(metric(&m, "meshbypass_pods"), 0.0);
+    assert_eq!(
+        metric(
+            &m,
+            "meshbypass_cni_requests_total{command=\"ADD\",decision=\"meshed\"}"
+        ),
+        0.0
+    );
+
+    let ns = Netns::new("decide");
+    let uid = "5e1f0a3b-7c2d-4e8f-9a01-b2c3d4e5f607";
+    let cg = PodCgroup::new("decide", uid);
+    let list = read_json(&primary);
+    let mut config = our_entry(&primary);
+    config["cniVersion"] = list["cniVersion"].clone();
+    config["name"] = list["name"].clone();
+    config["cgroupRoot"] = json!(cg.root);
+    config["logFile"] = json!(host.tmp().join("plugin.log"));
+    let prev = json!({"cniVersion": "1.0.0",
+        "interfaces": [{"name": "eth0", "sandbox": ns.path()}],
+        "ips": [{"address": "10.250.9.2/24", "interface": 0}]});
+    let id = format!("{:064x}", u128::from(std::process::id()) << 64 | 0xdec1de);
+    let env = [
+        ("CNI_CONTAINERID", id.clone()),
+        ("CNI_NETNS", ns.path().to_string_lossy().into_owned()),
+        ("CNI_IFNAME", "eth0".to_owned()),
+        ("CNI_PATH", host.bin.to_string_lossy().into_owned()),
+        (
+            "CNI_ARGS",
+            format!(
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=cart-0;K8S_POD_INFRA_CONTAINER_ID={id};K8S_POD_UID={uid}"
+            ),
+        ),
+    ];
+    let mut add = config.clone();
+    add["prevResult"] = prev;
+    let (ok, out) = run_plugin(&host.target(), "ADD", &env, &add);
+    assert!(ok, "ADD: {out}");
+
+    // stdout: one JSON line for the ADD, with the pod and the decision.
+    let decision = |command: &str| -> Option<Value> {
+        agent
+            .stdout_lines()
+            .iter()
+            .map(|l| {
+                serde_json::from_str::<Value>(l)
+                    .unwrap_or_else(|e| panic!("stdout line is not JSON ({e}): {l}"))
+            })
+            .find(|v| v["cni"]["command"] == command)
+    };
+    wait_for(REPAIR_BOUND * 3, "the ADD on the agent's stdout", || {
+        decision("ADD").is_some()
+    });
+    let v = decision("ADD").expect("the ADD line");
+    assert_eq!(v["level"], "info", "{v}");
+    assert_eq!(
+        (
+            &v["cni"]["namespace"],
+            &v["cni"]["pod"],
+            &v["cni"]["decision"],
+            &v["cni"]["acceleration"]
+        ),
+        (&json!("shop"), &json!("cart-0"), &json!("meshed"), &json!("auto")),
+        "{v}"
+    );
+    assert_eq!(v["cni"]["containerId"], id.as_str());
+    let msg = v["msg"].as_str().expect("msg");
+    assert!(
+        msg.starts_with(&format!("ADD shop/cart-0 [{}] meshed (auto), ", &id[..12])),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("every pod outside kubernetes.excludeNamespaces is meshed"),
+        "the line does not say why the pod was meshed: {msg}"
+    );
+
+    // /metrics: the request, its latency, the pod in the maps.
+    let m = agent.metrics();
+    assert_eq!(
+        metric(
+            &m,
+            "meshbypass_cni_requests_total{command=\"ADD\",decision=\"meshed\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "meshbypass_cni_requests_total{command=\"ADD\",decision=\"failed\"}"
+        ),
+        0.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "meshbypass_cni_request_duration_seconds_count{command=\"ADD\"}"
+        ),
+        1.0
+    );
+    let took = v["cni"]["durationMs"].as_f64().expect("durationMs") / 1e3;
+    let sum = metric(&m, "meshbypass_cni_request_duration_seconds_sum{command=\"ADD\"}");
+    assert!((sum - took).abs() < 1e-9, "sum {sum} vs the logged {took}");
+    assert_eq!(
+        metric(
+            &m,
+            "meshbypass_cni_request_duration_seconds_bucket{command=\"ADD\",le=\"+Inf\"}"
+        ),
+        1.0
+    );
+    assert_eq!(metric(&m, "meshbypass_pods"), 1.0);
+    assert_eq!(metric(&m, "meshbypass_links"), 1.0);
+    assert_eq!(metric(&m, "meshbypass_map_entries{map=\"mb_netns\"}"), 1.0);
+    assert_eq!(metric(&m, "meshbypass_map_entries{map=\"mb_pods\"}"), 1.0);
+    assert_eq!(metric(&m, "meshbypass_map_capacity{map=\"mb_pods\"}"), 8192.0);
+    assert_eq!(metric(&m, "meshbypass_map_capacity{map=\"mb_tx\"}"), 65536.0);
+
+    // status --json: the pod with its name from the record.
+    let status = || -> Value {
+        let out = Command::new(EXE)
+            .args(["status", "--json", "--bpf-root"])
+            .arg(&host.root.0)
+            .arg(format!("--state-dir={}", host.state.display()))
+            .output()
+            .expect("running status");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("status --json")
+    };
+    let s = status();
+    assert_eq!((&s["loaded"], &s["pods"]), (&json!(true), &json!(1)), "{s}");
+    let pod = &s["podList"][0];
+    assert_eq!(
+        (&pod["namespace"], &pod["name"], &pod["containerId"], &pod["ips"]),
+        (
+            &json!("shop"),
+            &json!("cart-0"),
+            &json!(id),
+            &json!(["10.250.9.2"])
+        ),
+        "{s}"
+    );
+    let netns = s["maps"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["name"] == "mb_netns"))
+        .unwrap_or_else(|| panic!("no mb_netns in {s}"));
+    assert_eq!((&netns["entries"], &netns["capacity"]), (&json!(1), &json!(4096)));
+
+    // DEL: removed, counted, the pod gone from the maps.
+    let (ok, out) = run_plugin(&host.target(), "DEL", &env, &config);
+    assert!(ok, "DEL: {out}");
+    wait_for(REPAIR_BOUND * 3, "the DEL on the agent's stdout", || {
+        decision("DEL").is_some()
+    });
+    assert_eq!(decision("DEL").expect("DEL")["cni"]["decision"], "removed");
+    let m = agent.metrics();
+    assert_eq!(
+        metric(
+            &m,
+            "meshbypass_cni_requests_total{command=\"DEL\",decision=\"removed\"}"
+        ),
+        1.0
+    );
+    assert_eq!(metric(&m, "meshbypass_pods"), 0.0);
+    assert_eq!(metric(&m, "meshbypass_map_entries{map=\"mb_pods\"}"), 0.0);
+    assert_eq!(status()["podList"], json!([]));
+    // Exactly one line per request.
+    assert_eq!(agent.stdout_lines().len(), 2, "{:?}", agent.stdout_lines());
 }

@@ -1,6 +1,7 @@
 //! ADD and DEL latency of the `meshbypass` plugin over many runs, beside a
 //! bare `iptables-restore` of the same ruleset through `ip netns exec` (what
-//! any iptables-writing CNI pays), and the plugin's peak RSS. Root only.
+//! any iptables-writing CNI pays), the plugin's peak RSS and its size on
+//! disk (it is copied to every node and run per pod). Root only.
 //!
 //!   cni-latency [--runs N] [--json FILE]
 
@@ -119,10 +120,17 @@ fn main() -> anyhow::Result<()> {
         add_rss as f64 / 1024.0,
         del_rss as f64 / 1024.0
     );
+    let size = std::fs::metadata(&plugin)?.len();
+    println!(
+        "plugin binary: {size} bytes ({:.2} MiB), {}",
+        size as f64 / (1024.0 * 1024.0),
+        plugin.display()
+    );
     if let Some(path) = json_out {
         let v = json!({"add": sa, "del": sd, "baseline": sb,
                        "first_add_ms": first.wall.as_secs_f64() * 1e3,
-                       "add_peak_rss_kib": add_rss, "del_peak_rss_kib": del_rss});
+                       "add_peak_rss_kib": add_rss, "del_peak_rss_kib": del_rss,
+                       "plugin_bytes": size});
         std::fs::write(&path, serde_json::to_string_pretty(&v)?)?;
     }
     drop(cg);

@@ -15,6 +15,7 @@ use crate::{
     config::Config,
     env::{Command, Env, EnvSource},
     error::CniError,
+    journal::Journal,
     logging, version,
 };
 
@@ -25,17 +26,22 @@ pub struct Reply {
 }
 
 /// Runs one CNI request: `stdin` is the network configuration.
+/// ADD and DEL also leave a line in the decision log (`journal.rs`).
 pub fn run(source: &impl EnvSource, stdin: &[u8]) -> Reply {
+    let started = std::time::Instant::now();
     let requested = requested_version(stdin);
-    match dispatch(source, stdin) {
+    let mut journal = Journal::default();
+    let result = dispatch(source, stdin, &mut journal);
+    if let Err(e) = &result {
+        error!("{e}");
+    }
+    journal.finish(result.as_ref().err(), started.elapsed(), logging::take_captured());
+    match result {
         Ok(stdout) => Reply { stdout, code: 0 },
-        Err(e) => {
-            error!("{e}");
-            Reply {
-                stdout: e.reply(&requested).to_json(),
-                code: 1,
-            }
-        }
+        Err(e) => Reply {
+            stdout: e.reply(&requested).to_json(),
+            code: 1,
+        },
     }
 }
 
@@ -48,12 +54,13 @@ fn requested_version(stdin: &[u8]) -> String {
         .unwrap_or_else(|| version::NEWEST.to_owned())
 }
 
-fn dispatch(source: &impl EnvSource, stdin: &[u8]) -> Result<String, CniError> {
+fn dispatch(source: &impl EnvSource, stdin: &[u8], journal: &mut Journal) -> Result<String, CniError> {
     let env = Env::read(source)?;
     if env.command == Command::Version {
         return Ok(version_reply(stdin));
     }
     let config = Config::parse(stdin)?;
+    journal.begin(&env, &config);
     let tag = match &env.attachment {
         Some(a) => format!("{} {}", env.command.as_str(), a.container_id.as_str()),
         None => env.command.as_str().to_owned(),

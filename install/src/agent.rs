@@ -172,7 +172,7 @@ fn load_reason(e: &LoadError) -> &'static str {
 /// Loads or adopts the node's maps; on failure records why (the plugin is
 /// installed all the same). Returns whether the maps are loaded.
 fn load(root: &Path, opts: &RunOptions, node: &SharedNode, stats: &Stats) -> bool {
-    let mut loaded = match loader::load(root) {
+    let mut loaded = match loader::load_with(root, &opts.sizes.load_options()) {
         Ok((loaded, outcome)) => {
             log::info!("bpf root {}: {outcome:?}", root.display());
             loaded

@@ -73,6 +73,8 @@ pub enum Command {
         selftest: Selftest,
         #[command(flatten)]
         output: Output,
+        #[command(flatten)]
+        sizes: MapSizes,
     },
     /// Detach everything and remove every pin (per-pod links too).
     Unload {
@@ -104,6 +106,8 @@ pub enum Command {
         paths: HostPaths,
         #[command(flatten)]
         selftest: Selftest,
+        #[command(flatten)]
+        sizes: MapSizes,
     },
     /// One shot: remove our conflist entry, then the plugin binary; the maps
     /// stay unless --cleanup.
@@ -137,6 +141,24 @@ pub struct Output {
     /// Machine-readable output: one JSON object.
     #[arg(long, env = "MESHBYPASS_JSON", value_parser = BoolishValueParser::new())]
     pub json: bool,
+}
+
+/// `--socket-capacity`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Args)]
+pub struct MapSizes {
+    /// How many sockets the node's socket maps hold when this command
+    /// creates them (existing maps keep their size: `unload` to resize);
+    /// one pod may use a quarter of them, its further sockets stay on TCP.
+    #[arg(long, value_name = "N", env = "MESHBYPASS_SOCKET_CAPACITY",
+          default_value_t = meshbypass_ebpf::loader::DEFAULT_SOCKET_CAPACITY,
+          value_parser = clap::value_parser!(u32).range(64..=4_194_304))]
+    pub socket_capacity: u32,
+}
+
+impl MapSizes {
+    pub fn load_options(self) -> meshbypass_ebpf::LoadOptions {
+        meshbypass_ebpf::LoadOptions::with_capacity(self.socket_capacity)
+    }
 }
 
 /// `--no-selftest`.
@@ -185,6 +207,8 @@ pub struct HostPaths {
 /// Everything `run` is told on the command line (`--bpf-root` is global).
 #[derive(Debug, Clone, PartialEq, Eq, Args)]
 pub struct RunOptions {
+    #[command(flatten)]
+    pub sizes: MapSizes,
     #[command(flatten)]
     pub paths: HostPaths,
     #[command(flatten)]
@@ -280,9 +304,18 @@ mod tests {
             c.command,
             Command::Load {
                 selftest: Selftest { no_selftest: true },
-                output: Output { json: false }
+                output: Output { json: false },
+                sizes: MapSizes {
+                    socket_capacity: meshbypass_ebpf::loader::DEFAULT_SOCKET_CAPACITY
+                },
             }
         );
+        let sized = parse("load --socket-capacity=4096").unwrap();
+        let Command::Load { sizes, .. } = sized.command else {
+            panic!("not load: {:?}", sized.command)
+        };
+        assert_eq!(sizes.load_options().socket_capacity, 4096);
+        assert_eq!(sizes.load_options().pod_socket_budget, 1024);
         assert_eq!(c.bpf_root, PathBuf::from("/sys/fs/bpf/y"));
         assert_eq!(c.log_format, LogFormat::Json);
         let c = parse("status --bpf-root /a --bpf-root=/b").unwrap();
@@ -309,6 +342,8 @@ mod tests {
             "run --daemonset ../x",
             "install --daemonset x",
             "run --log-format yaml",
+            "load --socket-capacity 10",
+            "run --socket-capacity lots",
         ] {
             assert!(parse(bad).is_err(), "{bad:?} accepted");
         }
@@ -329,6 +364,9 @@ mod tests {
                     plugin_config: Some("/s.json".into()),
                 },
                 selftest: Selftest { no_selftest: false },
+                sizes: MapSizes {
+                    socket_capacity: meshbypass_ebpf::loader::DEFAULT_SOCKET_CAPACITY
+                },
             }
         );
         let c = parse("uninstall --cleanup").unwrap();

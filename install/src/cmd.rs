@@ -20,7 +20,11 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let root = cli.bpf_root.as_path();
     let log_format = cli.log_format;
     match cli.command {
-        Command::Load { selftest, output } => load(root, selftest.wanted(), output.json),
+        Command::Load {
+            selftest,
+            output,
+            sizes,
+        } => load(root, &sizes.load_options(), selftest.wanted(), output.json),
         Command::Unload { output } => {
             let report = loader::unload(root).with_context(|| format!("unloading {}", root.display()))?;
             if output.json {
@@ -36,7 +40,11 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { output, state_dir } => status::run(root, &state_dir, output.json),
-        Command::Install { paths, selftest } => install(root, &paths, selftest.wanted()),
+        Command::Install {
+            paths,
+            selftest,
+            sizes,
+        } => install(root, &paths, &sizes.load_options(), selftest.wanted()),
         Command::Uninstall { dirs, cleanup } => uninstall(root, &dirs, cleanup),
         Command::Run(opts) => {
             agent::run(root, &opts, log_format)?;
@@ -71,7 +79,12 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 /// `install`: check the settings, load (with the selftest once), copy the
 /// plugin, chain it. A failed load is a warning: the plugin is installed
 /// anyway (pods get their redirect; the bypass waits for the maps).
-fn install(root: &Path, paths: &HostPaths, run_probe: bool) -> anyhow::Result<ExitCode> {
+fn install(
+    root: &Path,
+    paths: &HostPaths,
+    options: &meshbypass_ebpf::LoadOptions,
+    run_probe: bool,
+) -> anyhow::Result<ExitCode> {
     let dirs = &paths.dirs;
     let conf = ConfDir::new(&dirs.cni_conf_dir);
     if conf.primary()?.is_none() {
@@ -82,7 +95,7 @@ fn install(root: &Path, paths: &HostPaths, run_probe: bool) -> anyhow::Result<Ex
         );
     }
     let entry = installer::entry(paths.plugin_config.as_deref(), root, None)?;
-    if let Err(e) = load(root, run_probe, false) {
+    if let Err(e) = load(root, options, run_probe, false) {
         eprintln!(
             "warning: {e:#}\nwarning: installing the plugin anyway: pods get their redirect, not the \
              bypass, until `meshbypass-node load` succeeds"
@@ -150,9 +163,14 @@ fn uninstall(root: &Path, dirs: &CniDirs, cleanup: bool) -> anyhow::Result<ExitC
     Ok(ExitCode::SUCCESS)
 }
 
-fn load(root: &Path, run_probe: bool, json_out: bool) -> anyhow::Result<ExitCode> {
-    let (mut node, outcome) =
-        loader::load(root).with_context(|| format!("loading the node's maps at {}", root.display()))?;
+fn load(
+    root: &Path,
+    options: &meshbypass_ebpf::LoadOptions,
+    run_probe: bool,
+    json_out: bool,
+) -> anyhow::Result<ExitCode> {
+    let (mut node, outcome) = loader::load_with(root, options)
+        .with_context(|| format!("loading the node's maps at {}", root.display()))?;
     let cfg = node.config().context("reading mb_config")?;
     let mut report = None;
     if run_probe && cfg.kernel_flags & KERNEL_PROBED == 0 {

@@ -359,6 +359,7 @@ fn datapath_series(c: Counter) -> (&'static str, Option<(&'static str, &'static 
         Counter::ReceiverFull => (FALLBACKS, Some(("reason", "receiver-full"))),
         Counter::StackBytes => (FALLBACKS, Some(("reason", "stack-bytes"))),
         Counter::Zerocopy => (FALLBACKS, Some(("reason", "zerocopy"))),
+        Counter::BudgetExceeded => (FALLBACKS, Some(("reason", "pod-budget"))),
         Counter::SocketsTracked => (DATAPATH_FAMILIES[4].0, None),
         Counter::Sticky => (DATAPATH_FAMILIES[5].0, None),
         Counter::Resumed => (DATAPATH_FAMILIES[6].0, None),
@@ -769,6 +770,10 @@ mod tests {
             ("meshbypass_datapath_adaptive_total{event=\"admitted\"}", 114.0),
             ("meshbypass_datapath_adaptive_total{event=\"evicted\"}", 115.0),
             ("meshbypass_datapath_fallbacks_total{reason=\"zerocopy\"}", 116.0),
+            (
+                "meshbypass_datapath_fallbacks_total{reason=\"pod-budget\"}",
+                117.0,
+            ),
             ("meshbypass_map_entries{map=\"mb_tx\"}", 5.0),
             ("meshbypass_map_capacity{map=\"mb_pairs\"}", 131072.0),
             ("meshbypass_map_entries{map=\"mb_netns\"}", 2.0),

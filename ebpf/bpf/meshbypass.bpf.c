@@ -447,6 +447,17 @@ static __always_inline void join(struct bpf_sock_ops *skops, struct mb_sk_state 
 	count(plain ? MB_CTR_PAIRS_PLAIN : MB_CTR_PAIRS_NAT, 1);
 }
 
+/* Whether `adaptive` admits sockets accepted on this port of the pod: every
+ * listener on it was non-blocking at listen(), and none it accepted turned
+ * out blocking. */
+static __always_inline int port_admits(__u64 netns, __u16 port)
+{
+	struct mb_port_key pk = {.netns = netns, .port = port};
+	struct mb_port *p = bpf_map_lookup_elem(&mb_ports, &pk);
+
+	return p && (p->flags & MB_PORT_LISTENER_NONBLOCK) && !(p->flags & MB_PORT_ACCEPTED_BLOCKING);
+}
+
 /*
  * A socket of a registered pod has established. It is the first end of its
  * connection to show up, and then waits in mb_endpoints (in the maps its
@@ -527,12 +538,8 @@ static __always_inline void on_established(struct bpf_sock_ops *skops, int activ
 			self.admitted = !(mb_adaptive_checks & MB_ADAPTIVE_CONNECTED) ||
 					file_nonblocking(sk) == 1;
 		} else {
-			struct mb_port_key pk = {.netns = netns, .port = st->self.local_port};
-			struct mb_port *port = bpf_map_lookup_elem(&mb_ports, &pk);
-
 			self.admitted = !(mb_adaptive_checks & MB_ADAPTIVE_LISTENER) ||
-					(port && (port->flags & MB_PORT_LISTENER_NONBLOCK) &&
-					 !(port->flags & MB_PORT_ACCEPTED_BLOCKING));
+					port_admits(netns, st->self.local_port);
 		}
 	}
 	/* App sockets join the maps in `all`, when admitted in `adaptive`
@@ -555,14 +562,9 @@ static __always_inline void on_established(struct bpf_sock_ops *skops, int activ
 		 * waits already (checked below). */
 		if (mode != MB_MODE_ADAPTIVE)
 			return;
-		if (active && (mb_adaptive_checks & MB_ADAPTIVE_LISTENER)) {
-			struct mb_port_key pk = {.netns = netns, .port = st->self.remote_port};
-			struct mb_port *port = bpf_map_lookup_elem(&mb_ports, &pk);
-
-			if (!port || !(port->flags & MB_PORT_LISTENER_NONBLOCK) ||
-			    (port->flags & MB_PORT_ACCEPTED_BLOCKING))
-				return;
-		}
+		if (active && (mb_adaptive_checks & MB_ADAPTIVE_LISTENER) &&
+		    !port_admits(netns, st->self.remote_port))
+			return;
 	}
 
 	/* write_seq while no byte went through TCP: the ISN + 1 (the active

@@ -572,12 +572,7 @@ mod tests {
         for (text, expect) in cases {
             let path = write(dir.path(), "kubeconfig", &text);
             let err = load(&path).expect_err(&text);
-            let mut chain = err.to_string();
-            let mut cause = std::error::Error::source(&err);
-            while let Some(c) = cause {
-                chain.push_str(&format!(": {c}"));
-                cause = c.source();
-            }
+            let chain = meshbypass_ebpf::chain::error_chain(&err);
             assert!(
                 chain.contains(expect),
                 "{text:?} → {chain:?} should mention {expect:?}"

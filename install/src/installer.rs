@@ -503,7 +503,7 @@ mod tests {
             fs::write(&settings, text).expect("writing settings");
             let err = entry(Some(&settings), root, None).expect_err(text);
             assert_eq!(err.settings_reason(), Some(reason), "{text}: {err:?}");
-            let message = crate::errors::chain(&err);
+            let message = meshbypass_ebpf::chain::error_chain(&err);
             assert!(message.contains(names), "{text}: {message}");
         }
         fs::write(

@@ -16,6 +16,7 @@ use meshbypass_cni::state::StateDir;
 use meshbypass_ebpf::{
     Counter, NodeMaps,
     abi::{KERNEL_PROBED, KERNEL_SAFE_ALL, KERNEL_SAFE_MEMBER, LAYOUT_VERSION},
+    chain::error_chain,
     counters::Counters,
     loader,
     maps::OpenError,
@@ -117,7 +118,7 @@ fn names(state_dir: &Path) -> Names {
     let ids = match dir.list() {
         Ok(ids) => ids,
         Err(e) => {
-            log::warn!("pod names unknown: {}", crate::errors::chain(&e));
+            log::warn!("pod names unknown: {}", error_chain(&e));
             return Names::new();
         }
     };
@@ -126,7 +127,7 @@ fn names(state_dir: &Path) -> Names {
             Ok(Some(r)) => Some((r.netns_cookie?, (r.pod_namespace, r.pod_name, r.container_id))),
             Ok(None) => None,
             Err(e) => {
-                log::warn!("{}", crate::errors::chain(&e));
+                log::warn!("{}", error_chain(&e));
                 None
             }
         })

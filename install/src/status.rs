@@ -179,7 +179,7 @@ impl Status {
                     inbound_port: p.inbound_port,
                     proxy_uid: p.proxy_uid,
                     proxy_gid: p.proxy_gid,
-                    mode: p.mode,
+                    mode: p.mode.as_str(),
                 }
             })
             .collect();

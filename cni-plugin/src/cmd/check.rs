@@ -89,7 +89,7 @@ pub fn run(env: &Env, config: &Config) -> Result<(), CniError> {
         || pod.outbound_port != redirect.outbound_port
         || pod.inbound_port != redirect.inbound_port
         || pod.proxy_uid != Some(redirect.proxy_uid)
-        || Some(pod.mode) != state.mode.as_deref()
+        || Some(pod.mode.as_str()) != state.mode.as_deref()
     {
         return Err(missing(format!(
             "the registered pod differs from the configuration: {pod:?}"

@@ -174,9 +174,11 @@ pub struct ValidAttachment {
     pub ifname: IfName,
 }
 
-/// The parsed and resolved plugin configuration.
+/// The plugin's network configuration from stdin, parsed and resolved (the CNI spec's "network
+/// configuration"; `NetConf` as in the reference plugins). Not `meshbypass_ebpf::abi::Config`, the
+/// node's `mb_config` map value.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Config {
+pub struct NetConf {
     pub cni_version: String,
     pub name: String,
     /// The previous plugin's result, untouched, to pass back on ADD.
@@ -194,13 +196,13 @@ pub struct Config {
     pub log_file: Option<PathBuf>,
 }
 
-impl Config {
+impl NetConf {
     pub fn mesh(&self) -> Mesh {
         self.redirect.mesh
     }
 
     /// Parses the request configuration from stdin's bytes.
-    pub fn parse(json: &[u8]) -> Result<Config, ConfigError> {
+    pub fn parse(json: &[u8]) -> Result<NetConf, ConfigError> {
         // Syntax first (code 6), then shape: anything but an object is no
         // configuration at all (6), then fields (7).
         let value: serde_json::Value =
@@ -356,7 +358,7 @@ struct RawKubernetes {
 }
 
 impl RawConf {
-    fn resolve(self) -> Result<Config, ConfigError> {
+    fn resolve(self) -> Result<NetConf, ConfigError> {
         if !version::is_supported(&self.cni_version) {
             return Err(ConfigError::UnsupportedVersion {
                 version: self.cni_version,
@@ -402,7 +404,7 @@ impl RawConf {
                 .filter(|t| !t.is_zero() && *t <= MAX_KUBERNETES_TIMEOUT)
                 .ok_or(ConfigError::KubernetesTimeout { value })?,
         };
-        Ok(Config {
+        Ok(NetConf {
             cni_version: self.cni_version,
             name: self.name,
             prev_result: self.prev_result,
@@ -548,12 +550,12 @@ fn wildcard<T, E: de::Error>(value: &str, all: T, expected: &dyn de::Expected) -
 mod tests {
     use super::*;
 
-    fn parse(json: &str) -> Config {
-        Config::parse(json.as_bytes()).unwrap_or_else(|e| panic!("{json} should parse: {e:?}"))
+    fn parse(json: &str) -> NetConf {
+        NetConf::parse(json.as_bytes()).unwrap_or_else(|e| panic!("{json} should parse: {e:?}"))
     }
 
     fn parse_err(json: &str) -> ConfigError {
-        match Config::parse(json.as_bytes()) {
+        match NetConf::parse(json.as_bytes()) {
             Ok(config) => panic!("{json} should be rejected, got {config:?}"),
             Err(err) => err,
         }
@@ -857,7 +859,7 @@ mod tests {
     fn version_and_decode_errors() {
         for version in crate::version::SUPPORTED_VERSIONS {
             let json = format!(r#"{{"cniVersion":"{version}","name":"n","type":"meshbypass"}}"#);
-            let config = Config::parse(json.as_bytes()).unwrap_or_else(|e| panic!("{version}: {e}"));
+            let config = NetConf::parse(json.as_bytes()).unwrap_or_else(|e| panic!("{version}: {e}"));
             assert_eq!(config.cni_version, version);
         }
         let err = parse_err(r#"{"cniVersion":"0.2.0","name":"n","type":"meshbypass"}"#);

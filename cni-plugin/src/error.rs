@@ -179,7 +179,7 @@ mod tests {
     use std::io;
 
     use super::*;
-    use crate::config::Config;
+    use crate::config::NetConf;
     use crate::env::Env;
 
     fn env_error(vars: &[(&str, &str)]) -> CniError {
@@ -191,7 +191,7 @@ mod tests {
     }
 
     fn config_error(json: &str) -> CniError {
-        CniError::from(Config::parse(json.as_bytes()).expect_err("config is invalid"))
+        CniError::from(NetConf::parse(json.as_bytes()).expect_err("config is invalid"))
     }
 
     #[test]

@@ -405,11 +405,11 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
-    use crate::config::Config;
+    use crate::config::NetConf;
 
     fn spec(extra: &str) -> RedirectSpec {
         let json = format!(r#"{{"cniVersion":"1.1.0","name":"net","type":"meshbypass"{extra}}}"#);
-        Config::parse(json.as_bytes())
+        NetConf::parse(json.as_bytes())
             .unwrap_or_else(|e| panic!("{json} should parse: {e}"))
             .redirect
     }

@@ -21,7 +21,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use meshbypass_cni::cidr::Family;
-use meshbypass_cni::config::Config;
+use meshbypass_cni::config::NetConf;
 use meshbypass_cni::env::CniArgs;
 use meshbypass_cni::error::CniError;
 use meshbypass_cni::iptables;
@@ -300,16 +300,16 @@ fn cni_args(case: &str) -> String {
     )
 }
 
-fn config(kubeconfig: &Path, timeout: f64) -> Config {
+fn config(kubeconfig: &Path, timeout: f64) -> NetConf {
     let json = format!(
         r#"{{"cniVersion":"1.1.0","name":"k8s-pod-network","type":"meshbypass",
             "kubernetes":{{"kubeconfig":"{}","timeoutSeconds":{timeout}}}}}"#,
         kubeconfig.display()
     );
-    Config::parse(json.as_bytes()).expect("config")
+    NetConf::parse(json.as_bytes()).expect("config")
 }
 
-fn decide(config: &Config, args: &str) -> Result<Decision, CniError> {
+fn decide(config: &NetConf, args: &str) -> Result<Decision, CniError> {
     let args = CniArgs::parse(args).expect("CNI_ARGS");
     policy::for_config(config)?.decide(&args)
 }
@@ -448,7 +448,7 @@ fn excluded_namespaces_and_missing_identity_never_reach_the_api() {
 }
 
 /// `code` and the whole message (msg and details), and the time it took.
-fn failure(config: &Config, args: &str) -> (u32, String, Duration) {
+fn failure(config: &NetConf, args: &str) -> (u32, String, Duration) {
     let started = Instant::now();
     let err = decide(config, args).expect_err("should fail");
     let elapsed = started.elapsed();

@@ -6,15 +6,15 @@ use log::{info, warn};
 use crate::{
     bypass,
     cidr::Family,
-    config::Config,
+    config::NetConf,
     env::Env,
     error::CniError,
     policy::{self, Decision},
     prev, redirect,
-    state::{PodState, StateDir},
+    state::{PodRecord, StateDir},
 };
 
-pub fn run(env: &Env, config: &Config) -> Result<String, CniError> {
+pub fn run(env: &Env, config: &NetConf) -> Result<String, CniError> {
     let att = env.attachment.as_ref().ok_or(CniError::InvalidConfig {
         problem: "ADD without an attachment",
         fix: "set CNI_CONTAINERID, CNI_NETNS and CNI_IFNAME",
@@ -42,7 +42,7 @@ pub fn run(env: &Env, config: &Config) -> Result<String, CniError> {
                 "meshed: {reason}; {} redirect, acceleration {acceleration}",
                 redirect.mesh
             );
-            Config {
+            NetConf {
                 redirect: *redirect,
                 acceleration,
                 ..config.clone()
@@ -65,7 +65,7 @@ pub fn run(env: &Env, config: &Config) -> Result<String, CniError> {
     }
     let families = redirect::families(&ips);
     let states = StateDir::new(&config.state_dir);
-    let mut state = PodState {
+    let mut state = PodRecord {
         container_id: att.container_id.as_str().into(),
         ifname: att.ifname.as_str().into(),
         netns: Some(netns.into()),
@@ -121,7 +121,7 @@ pub fn run(env: &Env, config: &Config) -> Result<String, CniError> {
         } => {
             state.netns_cookie = Some(*netns_cookie);
             state.cgroup = Some(cgroup.clone());
-            state.mode = Some(mode.as_str().to_owned());
+            state.mode = Some(*mode);
             Some(*netns_cookie)
         }
         bypass::Outcome::Skipped { .. } => None,

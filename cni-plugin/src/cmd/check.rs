@@ -4,7 +4,7 @@
 use meshbypass_ebpf::NodeMaps;
 
 use crate::{
-    config::Config,
+    config::NetConf,
     env::Env,
     error::CniError,
     policy::{self, Decision},
@@ -19,7 +19,7 @@ fn missing(what: String) -> CniError {
     }
 }
 
-pub fn run(env: &Env, config: &Config) -> Result<(), CniError> {
+pub fn run(env: &Env, config: &NetConf) -> Result<(), CniError> {
     let att = env.attachment.as_ref().ok_or(CniError::InvalidConfig {
         problem: "CHECK without an attachment",
         fix: "set CNI_CONTAINERID, CNI_NETNS and CNI_IFNAME",
@@ -89,7 +89,7 @@ pub fn run(env: &Env, config: &Config) -> Result<(), CniError> {
         || pod.outbound_port != redirect.outbound_port
         || pod.inbound_port != redirect.inbound_port
         || pod.proxy_uid != Some(redirect.proxy_uid)
-        || Some(pod.mode.as_str()) != state.mode.as_deref()
+        || Some(pod.mode) != state.mode
     {
         return Err(missing(format!(
             "the registered pod differs from the configuration: {pod:?}"

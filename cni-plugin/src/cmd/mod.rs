@@ -12,7 +12,7 @@ use log::{error, info};
 
 use crate::{
     caps,
-    config::Config,
+    config::NetConf,
     env::{Command, Env, EnvSource},
     error::CniError,
     journal::Journal,
@@ -59,7 +59,7 @@ fn dispatch(source: &impl EnvSource, stdin: &[u8], journal: &mut Journal) -> Res
     if env.command == Command::Version {
         return Ok(version_reply(stdin));
     }
-    let config = Config::parse(stdin)?;
+    let config = NetConf::parse(stdin)?;
     journal.begin(&env, &config);
     let tag = match &env.attachment {
         Some(a) => format!("{} {}", env.command.as_str(), a.container_id.as_str()),

@@ -5,7 +5,7 @@ use meshbypass_ebpf::NodeMaps;
 
 use crate::{
     config::NetConf,
-    env::Env,
+    env::Attachment,
     error::CniError,
     policy::{self, Decision},
     prev, redirect,
@@ -19,11 +19,7 @@ fn missing(what: String) -> CniError {
     }
 }
 
-pub fn run(env: &Env, config: &NetConf) -> Result<(), CniError> {
-    let att = env.attachment.as_ref().ok_or(CniError::InvalidConfig {
-        problem: "CHECK without an attachment",
-        fix: "set CNI_CONTAINERID, CNI_NETNS and CNI_IFNAME",
-    })?;
+pub fn run(att: &Attachment, config: &NetConf) -> Result<(), CniError> {
     let prev_result = config.prev_result.as_ref().ok_or(CniError::InvalidConfig {
         problem: "prevResult is missing",
         fix: "CHECK needs the result of ADD as prevResult",

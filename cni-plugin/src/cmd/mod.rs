@@ -80,10 +80,17 @@ fn dispatch(source: &impl EnvSource, stdin: &[u8], journal: &mut Journal) -> Res
         // Before anything is touched: no half-configured pod for want of a capability.
         caps::require()?;
     }
+    // Env::read gives ADD, DEL and CHECK their attachment.
+    let att = || {
+        env.attachment.as_ref().ok_or(CniError::InvalidConfig {
+            problem: "ADD, DEL and CHECK need an attachment",
+            fix: "set CNI_CONTAINERID, CNI_NETNS and CNI_IFNAME",
+        })
+    };
     match env.command {
-        Command::Add => add::run(&env, &config),
-        Command::Del => del::run(&env, &config).map(|()| String::new()),
-        Command::Check => check::run(&env, &config).map(|()| String::new()),
+        Command::Add => add::run(att()?, &config),
+        Command::Del => del::run(att()?, &config).map(|()| String::new()),
+        Command::Check => check::run(att()?, &config).map(|()| String::new()),
         Command::Status => status::run(&config).map(|()| String::new()),
         Command::Gc => gc::run(&config).map(|()| String::new()),
         Command::Version => unreachable!("handled above"),

@@ -9,6 +9,7 @@
 //! is an error naming it.
 
 use std::fmt;
+use std::marker::PhantomData;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -494,55 +495,57 @@ fn port<E: de::Error>(value: u64) -> Result<u16, E> {
 
 impl<'de> Deserialize<'de> for InboundPorts {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = InboundPorts;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("\"*\" or an array of ports")
-            }
-            fn visit_str<E: de::Error>(self, value: &str) -> Result<InboundPorts, E> {
-                wildcard(value, InboundPorts::All, &self)
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<InboundPorts, A::Error> {
-                let mut list = Vec::new();
-                while let Some(Port(port)) = seq.next_element()? {
-                    list.push(port);
-                }
-                Ok(InboundPorts::Only(list))
-            }
-        }
-        deserializer.deserialize_any(V)
+        let list = deserializer.deserialize_any(StarOrList::<Port>::new("\"*\" or an array of ports"))?;
+        Ok(list.map_or(InboundPorts::All, |ports| {
+            InboundPorts::Only(ports.into_iter().map(|Port(port)| port).collect())
+        }))
     }
 }
 
 impl<'de> Deserialize<'de> for OutboundCidrs {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = OutboundCidrs;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("\"*\" or an array of CIDR strings")
-            }
-            fn visit_str<E: de::Error>(self, value: &str) -> Result<OutboundCidrs, E> {
-                wildcard(value, OutboundCidrs::All, &self)
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<OutboundCidrs, A::Error> {
-                let mut list = Vec::new();
-                while let Some(cidr) = seq.next_element::<Cidr>()? {
-                    list.push(cidr);
-                }
-                Ok(OutboundCidrs::Only(list))
-            }
-        }
-        deserializer.deserialize_any(V)
+        let list =
+            deserializer.deserialize_any(StarOrList::<Cidr>::new("\"*\" or an array of CIDR strings"))?;
+        Ok(list.map_or(OutboundCidrs::All, OutboundCidrs::Only))
     }
 }
 
-fn wildcard<T, E: de::Error>(value: &str, all: T, expected: &dyn de::Expected) -> Result<T, E> {
-    if value == "*" {
-        Ok(all)
-    } else {
-        Err(E::invalid_value(de::Unexpected::Str(value), expected))
+/// `"*"` (`None`: everything) or an array of `T`.
+struct StarOrList<T> {
+    expecting: &'static str,
+    item: PhantomData<T>,
+}
+
+impl<T> StarOrList<T> {
+    fn new(expecting: &'static str) -> Self {
+        Self {
+            expecting,
+            item: PhantomData,
+        }
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Visitor<'de> for StarOrList<T> {
+    type Value = Option<Vec<T>>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.expecting)
+    }
+
+    fn visit_str<E: de::Error>(self, value: &str) -> Result<Self::Value, E> {
+        if value == "*" {
+            Ok(None)
+        } else {
+            Err(E::invalid_value(de::Unexpected::Str(value), &self))
+        }
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut list = Vec::new();
+        while let Some(item) = seq.next_element()? {
+            list.push(item);
+        }
+        Ok(Some(list))
     }
 }
 

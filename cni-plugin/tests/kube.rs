@@ -6,9 +6,9 @@
 //! The decision and the generated rules of each pod are compared with
 //! `testdata/kube/<case>.golden`; `MESHBYPASS_UPDATE_GOLDEN=1` rewrites them. The last tests run
 //! the `meshbypass` binary end to end; the one that applies rules in a real network namespace
-//! needs root, `ip` and iptables. Under CI (root, which `scripts/test.sh` requires, or `CI` set)
-//! it fails when it cannot run; elsewhere it passes without running and says so on the terminal
-//! (a `SKIPPED` line written to stderr directly, which `cargo test` does not capture).
+//! needs root, `ip` and iptables; as root a missing tool is a failure. The tests that run the
+//! binary past its capability check skip when not root, and say so (`meshbypass_tests::privileged`:
+//! under CI, with `CI` set, they fail instead).
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
@@ -810,40 +810,6 @@ fn binary_bad_kubeconfig_is_code_7() {
     assert!(run.stdout.contains("certificate-authority"), "{}", run.stdout);
 }
 
-/// Whether this is a CI run: CI runs the suite as root (`scripts/test.sh` refuses to run
-/// otherwise), and CI services set `CI` (to anything but `false` or `0`).
-fn under_ci() -> bool {
-    nix::unistd::Uid::effective().is_root()
-        || std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
-}
-
-/// Whether a privileged test can run: true when it can; under CI a failure naming what is
-/// missing; elsewhere false after saying on the terminal that the test skipped. `cargo test`
-/// captures what a test prints with `print!`/`eprint!` and shows it only if the test fails, so
-/// the line is written to the stderr handle itself, which it does not capture.
-fn can_run(test: &str, needs: &[(&str, bool)]) -> bool {
-    let missing: Vec<&str> = needs
-        .iter()
-        .filter(|(_, ok)| !ok)
-        .map(|(what, _)| *what)
-        .collect();
-    if missing.is_empty() {
-        return true;
-    }
-    assert!(
-        !under_ci(),
-        "{test} cannot run under CI (root, or CI set): missing {missing:?} (scripts/test.sh \
-         runs it as root, after scripts/deps.sh installed the tools)"
-    );
-    let mut stderr = std::io::stderr().lock();
-    writeln!(
-        stderr,
-        "SKIPPED {test}: needs {missing:?}; it runs under scripts/test.sh (root)"
-    )
-    .expect("write to stderr");
-    false
-}
-
 /// Root, `ip` and iptables: the annotated Istio pod's own rules land in a real network namespace,
 /// and DEL removes them.
 #[test]
@@ -856,14 +822,11 @@ fn binary_applies_the_pods_own_rules_in_a_real_netns() {
             .status()
             .is_ok_and(|s| s.success())
     };
-    let needs = [
-        ("root", nix::unistd::Uid::effective().is_root()),
-        ("ip", tool("ip")),
-        ("iptables-save", tool("iptables-save")),
-        ("iptables-restore", tool("iptables-restore")),
-    ];
-    if !can_run("binary_applies_the_pods_own_rules_in_a_real_netns", &needs) {
+    if !meshbypass_tests::privileged() {
         return;
+    }
+    for t in ["ip", "iptables-save", "iptables-restore"] {
+        assert!(tool(t), "{t} is missing: scripts/deps.sh installs it");
     }
     struct Netns(String);
     impl Drop for Netns {

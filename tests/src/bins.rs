@@ -10,6 +10,7 @@
 //! relinks the binary (and the next workspace build relinks it back).
 
 use std::{
+    io::Write,
     path::{Path, PathBuf},
     process::Command,
     sync::Mutex,
@@ -77,7 +78,12 @@ pub fn sibling_bin(name: &str) -> PathBuf {
     if built_at(&path).is_some_and(|at| newest_source(sources) <= Some(at)) {
         return path;
     }
-    eprintln!("{} is {why}: {}", path.display(), build.command());
+    // On the terminal (libtest captures eprint!, not the handle): why the test pauses.
+    let line = format!("{} is {why}: {}\n", path.display(), build.command());
+    std::io::stderr()
+        .lock()
+        .write_all(line.as_bytes())
+        .expect("write to stderr");
     let status = Command::new(cargo)
         .args(build.args())
         .status()

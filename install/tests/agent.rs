@@ -1543,6 +1543,9 @@ fn install_and_uninstall_one_shot() {
 /// namespace and name from the plugin's record.
 #[test]
 fn decisions_reach_stdout_metrics_and_status() {
+    if !meshbypass_tests::privileged() {
+        return;
+    }
     let host = Host::new("decide");
     let primary = write_primary(&host.conf);
     let plugin = real_plugin();

@@ -16,6 +16,7 @@ use crate::{
 /// A pod's registration: what the plugin writes ([`NodeMaps::register_pod`])
 /// and what reading the maps gives back ([`NodeMaps::pods`]).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct PodEntry {
     pub netns_cookie: u64,
     pub ips: Vec<IpAddr>,

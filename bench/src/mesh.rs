@@ -279,16 +279,8 @@ impl Mesh {
     pub fn set_mode(&self, mode: Mode) {
         let mut node = self.node.node();
         for pod in node.pods() {
-            node.register_pod(&PodEntry {
-                netns_cookie: pod.netns_cookie,
-                ips: pod.ips.clone(),
-                outbound_port: pod.outbound_port,
-                inbound_port: pod.inbound_port,
-                proxy_uid: pod.proxy_uid,
-                proxy_gid: pod.proxy_gid,
-                mode,
-            })
-            .expect("re-register the pod");
+            node.register_pod(&PodEntry { mode, ..pod })
+                .expect("re-register the pod");
         }
     }
 

@@ -12,7 +12,7 @@ use std::{
 use log::warn;
 use meshbypass_ebpf::{Mode, NodeMaps, PodEntry, attach::valid_link_name, maps::OpenError, pins::Pins};
 
-use crate::{cgroup, config::Config, env::Attachment, error::CniError};
+use crate::{cgroup, config::NetConf, env::Attachment, error::CniError};
 
 /// What ADD did about acceleration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,7 +33,7 @@ fn skipped(reason: String) -> Outcome {
 }
 
 /// Attaches and registers; never fails the ADD.
-pub fn attach(config: &Config, att: &Attachment, ips: &[IpAddr], cookie: u64) -> Outcome {
+pub fn attach(config: &NetConf, att: &Attachment, ips: &[IpAddr], cookie: u64) -> Outcome {
     let mode = config.acceleration;
     if mode == Mode::Off {
         return Outcome::Skipped {

@@ -92,46 +92,11 @@ fn hint(cgroup2_at: Option<&Path>) -> String {
 }
 
 /// kubelet's candidate directories for a pod, relative to the cgroup2 root, with the driver and
-/// QoS class each one means.
-pub fn layouts(uid: &PodUid) -> [(PathBuf, Driver, Qos); 6] {
-    let raw = uid.as_str();
-    let escaped = uid.systemd_escaped();
-    [
-        (
-            PathBuf::from(format!("kubepods/pod{raw}")),
-            Driver::Cgroupfs,
-            Qos::Guaranteed,
-        ),
-        (
-            PathBuf::from(format!("kubepods/burstable/pod{raw}")),
-            Driver::Cgroupfs,
-            Qos::Burstable,
-        ),
-        (
-            PathBuf::from(format!("kubepods/besteffort/pod{raw}")),
-            Driver::Cgroupfs,
-            Qos::BestEffort,
-        ),
-        (
-            PathBuf::from(format!("kubepods.slice/kubepods-pod{escaped}.slice")),
-            Driver::Systemd,
-            Qos::Guaranteed,
-        ),
-        (
-            PathBuf::from(format!(
-                "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{escaped}.slice"
-            )),
-            Driver::Systemd,
-            Qos::Burstable,
-        ),
-        (
-            PathBuf::from(format!(
-                "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{escaped}.slice"
-            )),
-            Driver::Systemd,
-            Qos::BestEffort,
-        ),
-    ]
+/// QoS class each one means: cgroupfs's, then systemd's.
+pub fn layouts(uid: &PodUid) -> Vec<(PathBuf, Driver, Qos)> {
+    let mut all = cgroupfs_layouts("", uid);
+    all.extend(systemd_layouts("", "", uid));
+    all
 }
 
 /// The same layouts under a kubelet `--cgroup-root` of one component (kind
@@ -139,52 +104,47 @@ pub fn layouts(uid: &PodUid) -> [(PathBuf, Driver, Qos); 6] {
 /// cgroupfs, `<x>.slice/<x>-kubepods.slice/<x>-kubepods-<qos>-pod<uid>.slice`
 /// with systemd. `dir` is the root's entry (`kubelet` or `kubelet.slice`).
 pub fn prefixed_layouts(dir: &str, uid: &PodUid) -> Vec<(PathBuf, Driver, Qos)> {
-    let raw = uid.as_str();
-    let escaped = uid.systemd_escaped();
     match dir.strip_suffix(".slice") {
-        Some(prefix) => vec![
-            (
-                PathBuf::from(format!(
-                    "{dir}/{prefix}-kubepods.slice/{prefix}-kubepods-pod{escaped}.slice"
-                )),
-                Driver::Systemd,
-                Qos::Guaranteed,
-            ),
-            (
-                PathBuf::from(format!(
-                    "{dir}/{prefix}-kubepods.slice/{prefix}-kubepods-burstable.slice/\
-                     {prefix}-kubepods-burstable-pod{escaped}.slice"
-                )),
-                Driver::Systemd,
-                Qos::Burstable,
-            ),
-            (
-                PathBuf::from(format!(
-                    "{dir}/{prefix}-kubepods.slice/{prefix}-kubepods-besteffort.slice/\
-                     {prefix}-kubepods-besteffort-pod{escaped}.slice"
-                )),
-                Driver::Systemd,
-                Qos::BestEffort,
-            ),
-        ],
-        None => vec![
-            (
-                PathBuf::from(format!("{dir}/kubepods/pod{raw}")),
-                Driver::Cgroupfs,
-                Qos::Guaranteed,
-            ),
-            (
-                PathBuf::from(format!("{dir}/kubepods/burstable/pod{raw}")),
-                Driver::Cgroupfs,
-                Qos::Burstable,
-            ),
-            (
-                PathBuf::from(format!("{dir}/kubepods/besteffort/pod{raw}")),
-                Driver::Cgroupfs,
-                Qos::BestEffort,
-            ),
-        ],
+        Some(prefix) => systemd_layouts(&format!("{dir}/"), &format!("{prefix}-"), uid),
+        None => cgroupfs_layouts(&format!("{dir}/"), uid),
     }
+}
+
+/// `<parent>kubepods[/<qos>]/pod<uid>`.
+fn cgroupfs_layouts(parent: &str, uid: &PodUid) -> Vec<(PathBuf, Driver, Qos)> {
+    let raw = uid.as_str();
+    [
+        (Qos::Guaranteed, ""),
+        (Qos::Burstable, "burstable/"),
+        (Qos::BestEffort, "besteffort/"),
+    ]
+    .into_iter()
+    .map(|(qos, class)| {
+        let path = PathBuf::from(format!("{parent}kubepods/{class}pod{raw}"));
+        (path, Driver::Cgroupfs, qos)
+    })
+    .collect()
+}
+
+/// `<parent><p>kubepods.slice/[<p>kubepods-<qos>.slice/]<p>kubepods[-<qos>]-pod<uid_>.slice`, where
+/// `<p>` is the kubelet root's slice prefix (`kubelet-`, or none) and `<uid_>` the escaped UID.
+fn systemd_layouts(parent: &str, p: &str, uid: &PodUid) -> Vec<(PathBuf, Driver, Qos)> {
+    let escaped = uid.systemd_escaped();
+    let top = format!("{parent}{p}kubepods.slice");
+    [
+        (Qos::Guaranteed, None),
+        (Qos::Burstable, Some("burstable")),
+        (Qos::BestEffort, Some("besteffort")),
+    ]
+    .into_iter()
+    .map(|(qos, class)| {
+        let path = match class {
+            None => format!("{top}/{p}kubepods-pod{escaped}.slice"),
+            Some(c) => format!("{top}/{p}kubepods-{c}.slice/{p}kubepods-{c}-pod{escaped}.slice"),
+        };
+        (PathBuf::from(path), Driver::Systemd, qos)
+    })
+    .collect()
 }
 
 /// Finds the pod's directory under `root` (a cgroup2 root, see [`resolve_root`]): kubelet's
@@ -519,6 +479,65 @@ mod tests {
             let resolved = resolve_root(&mount).expect("the mount resolves to itself");
             assert_eq!(resolved, mount);
         }
+    }
+
+    #[test]
+    fn layouts_under_a_kubelet_cgroup_root() {
+        let uid = PodUid::parse("0b3c4d5e-1111-2222-3333-444455556666").unwrap();
+        let paths = |layouts: Vec<(PathBuf, Driver, Qos)>| {
+            layouts
+                .into_iter()
+                .map(|(p, d, q)| (p.display().to_string(), d, q))
+                .collect::<Vec<_>>()
+        };
+        let e = "0b3c4d5e_1111_2222_3333_444455556666";
+        assert_eq!(
+            paths(prefixed_layouts("kubelet.slice", &uid)),
+            [
+                (
+                    format!("kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-pod{e}.slice"),
+                    Driver::Systemd,
+                    Qos::Guaranteed
+                ),
+                (
+                    format!(
+                        "kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-burstable.slice/\
+                         kubelet-kubepods-burstable-pod{e}.slice"
+                    ),
+                    Driver::Systemd,
+                    Qos::Burstable
+                ),
+                (
+                    format!(
+                        "kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-besteffort.slice/\
+                         kubelet-kubepods-besteffort-pod{e}.slice"
+                    ),
+                    Driver::Systemd,
+                    Qos::BestEffort
+                ),
+            ]
+        );
+        let u = uid.as_str();
+        assert_eq!(
+            paths(prefixed_layouts("kubelet", &uid)),
+            [
+                (
+                    format!("kubelet/kubepods/pod{u}"),
+                    Driver::Cgroupfs,
+                    Qos::Guaranteed
+                ),
+                (
+                    format!("kubelet/kubepods/burstable/pod{u}"),
+                    Driver::Cgroupfs,
+                    Qos::Burstable
+                ),
+                (
+                    format!("kubelet/kubepods/besteffort/pod{u}"),
+                    Driver::Cgroupfs,
+                    Qos::BestEffort
+                ),
+            ]
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! is an error naming it.
 
 use std::fmt;
+use std::marker::PhantomData;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -174,9 +175,11 @@ pub struct ValidAttachment {
     pub ifname: IfName,
 }
 
-/// The parsed and resolved plugin configuration.
+/// The plugin's network configuration from stdin, parsed and resolved (the CNI spec's "network
+/// configuration"; `NetConf` as in the reference plugins). Not `meshbypass_ebpf::abi::Config`, the
+/// node's `mb_config` map value.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Config {
+pub struct NetConf {
     pub cni_version: String,
     pub name: String,
     /// The previous plugin's result, untouched, to pass back on ADD.
@@ -194,13 +197,13 @@ pub struct Config {
     pub log_file: Option<PathBuf>,
 }
 
-impl Config {
+impl NetConf {
     pub fn mesh(&self) -> Mesh {
         self.redirect.mesh
     }
 
     /// Parses the request configuration from stdin's bytes.
-    pub fn parse(json: &[u8]) -> Result<Config, ConfigError> {
+    pub fn parse(json: &[u8]) -> Result<NetConf, ConfigError> {
         // Syntax first (code 6), then shape: anything but an object is no
         // configuration at all (6), then fields (7).
         let value: serde_json::Value =
@@ -356,7 +359,7 @@ struct RawKubernetes {
 }
 
 impl RawConf {
-    fn resolve(self) -> Result<Config, ConfigError> {
+    fn resolve(self) -> Result<NetConf, ConfigError> {
         if !version::is_supported(&self.cni_version) {
             return Err(ConfigError::UnsupportedVersion {
                 version: self.cni_version,
@@ -402,7 +405,7 @@ impl RawConf {
                 .filter(|t| !t.is_zero() && *t <= MAX_KUBERNETES_TIMEOUT)
                 .ok_or(ConfigError::KubernetesTimeout { value })?,
         };
-        Ok(Config {
+        Ok(NetConf {
             cni_version: self.cni_version,
             name: self.name,
             prev_result: self.prev_result,
@@ -492,55 +495,57 @@ fn port<E: de::Error>(value: u64) -> Result<u16, E> {
 
 impl<'de> Deserialize<'de> for InboundPorts {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = InboundPorts;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("\"*\" or an array of ports")
-            }
-            fn visit_str<E: de::Error>(self, value: &str) -> Result<InboundPorts, E> {
-                wildcard(value, InboundPorts::All, &self)
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<InboundPorts, A::Error> {
-                let mut list = Vec::new();
-                while let Some(Port(port)) = seq.next_element()? {
-                    list.push(port);
-                }
-                Ok(InboundPorts::Only(list))
-            }
-        }
-        deserializer.deserialize_any(V)
+        let list = deserializer.deserialize_any(StarOrList::<Port>::new("\"*\" or an array of ports"))?;
+        Ok(list.map_or(InboundPorts::All, |ports| {
+            InboundPorts::Only(ports.into_iter().map(|Port(port)| port).collect())
+        }))
     }
 }
 
 impl<'de> Deserialize<'de> for OutboundCidrs {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = OutboundCidrs;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("\"*\" or an array of CIDR strings")
-            }
-            fn visit_str<E: de::Error>(self, value: &str) -> Result<OutboundCidrs, E> {
-                wildcard(value, OutboundCidrs::All, &self)
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<OutboundCidrs, A::Error> {
-                let mut list = Vec::new();
-                while let Some(cidr) = seq.next_element::<Cidr>()? {
-                    list.push(cidr);
-                }
-                Ok(OutboundCidrs::Only(list))
-            }
-        }
-        deserializer.deserialize_any(V)
+        let list =
+            deserializer.deserialize_any(StarOrList::<Cidr>::new("\"*\" or an array of CIDR strings"))?;
+        Ok(list.map_or(OutboundCidrs::All, OutboundCidrs::Only))
     }
 }
 
-fn wildcard<T, E: de::Error>(value: &str, all: T, expected: &dyn de::Expected) -> Result<T, E> {
-    if value == "*" {
-        Ok(all)
-    } else {
-        Err(E::invalid_value(de::Unexpected::Str(value), expected))
+/// `"*"` (`None`: everything) or an array of `T`.
+struct StarOrList<T> {
+    expecting: &'static str,
+    item: PhantomData<T>,
+}
+
+impl<T> StarOrList<T> {
+    fn new(expecting: &'static str) -> Self {
+        Self {
+            expecting,
+            item: PhantomData,
+        }
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Visitor<'de> for StarOrList<T> {
+    type Value = Option<Vec<T>>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.expecting)
+    }
+
+    fn visit_str<E: de::Error>(self, value: &str) -> Result<Self::Value, E> {
+        if value == "*" {
+            Ok(None)
+        } else {
+            Err(E::invalid_value(de::Unexpected::Str(value), &self))
+        }
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut list = Vec::new();
+        while let Some(item) = seq.next_element()? {
+            list.push(item);
+        }
+        Ok(Some(list))
     }
 }
 
@@ -548,12 +553,12 @@ fn wildcard<T, E: de::Error>(value: &str, all: T, expected: &dyn de::Expected) -
 mod tests {
     use super::*;
 
-    fn parse(json: &str) -> Config {
-        Config::parse(json.as_bytes()).unwrap_or_else(|e| panic!("{json} should parse: {e:?}"))
+    fn parse(json: &str) -> NetConf {
+        NetConf::parse(json.as_bytes()).unwrap_or_else(|e| panic!("{json} should parse: {e:?}"))
     }
 
     fn parse_err(json: &str) -> ConfigError {
-        match Config::parse(json.as_bytes()) {
+        match NetConf::parse(json.as_bytes()) {
             Ok(config) => panic!("{json} should be rejected, got {config:?}"),
             Err(err) => err,
         }
@@ -857,7 +862,7 @@ mod tests {
     fn version_and_decode_errors() {
         for version in crate::version::SUPPORTED_VERSIONS {
             let json = format!(r#"{{"cniVersion":"{version}","name":"n","type":"meshbypass"}}"#);
-            let config = Config::parse(json.as_bytes()).unwrap_or_else(|e| panic!("{version}: {e}"));
+            let config = NetConf::parse(json.as_bytes()).unwrap_or_else(|e| panic!("{version}: {e}"));
             assert_eq!(config.cni_version, version);
         }
         let err = parse_err(r#"{"cniVersion":"0.2.0","name":"n","type":"meshbypass"}"#);

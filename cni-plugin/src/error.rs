@@ -7,6 +7,7 @@
 use std::error::Error as StdError;
 use std::path::PathBuf;
 
+use meshbypass_ebpf::chain::error_chain;
 use serde::{Deserialize, Serialize};
 
 use crate::cidr::Family;
@@ -145,17 +146,11 @@ impl CniError {
     /// The spec's error result, in `cni_version` (the request's, or [`version::NEWEST`] when
     /// it is unknown).
     pub fn reply(&self, cni_version: &str) -> ErrorReply {
-        let mut details = Vec::new();
-        let mut cause = self.source();
-        while let Some(err) = cause {
-            details.push(err.to_string());
-            cause = err.source();
-        }
         ErrorReply {
             cni_version: cni_version.to_owned(),
             code: self.code(),
             msg: self.to_string(),
-            details: details.join(": "),
+            details: self.source().map(error_chain).unwrap_or_default(),
         }
     }
 }
@@ -184,7 +179,7 @@ mod tests {
     use std::io;
 
     use super::*;
-    use crate::config::Config;
+    use crate::config::NetConf;
     use crate::env::Env;
 
     fn env_error(vars: &[(&str, &str)]) -> CniError {
@@ -196,7 +191,7 @@ mod tests {
     }
 
     fn config_error(json: &str) -> CniError {
-        CniError::from(Config::parse(json.as_bytes()).expect_err("config is invalid"))
+        CniError::from(NetConf::parse(json.as_bytes()).expect_err("config is invalid"))
     }
 
     #[test]

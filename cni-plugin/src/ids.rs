@@ -30,23 +30,16 @@ impl ContainerId {
     pub const MAX_LEN: usize = 256;
 
     pub fn parse(value: &str) -> Result<Self, IdError> {
+        check_len(value, Self::MAX_LEN)?;
         let mut chars = value.chars();
-        let first = chars.next().ok_or(IdError::Empty)?;
-        if value.len() > Self::MAX_LEN {
-            return Err(IdError::TooLong {
-                len: value.len(),
-                max: Self::MAX_LEN,
-            });
-        }
-        if !first.is_ascii_alphanumeric() {
+        if let Some(first) = chars.next().filter(|c| !c.is_ascii_alphanumeric()) {
             return Err(IdError::BadStart { found: first });
         }
-        if let Some(found) = chars.find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))) {
-            return Err(IdError::BadChar {
-                found,
-                allowed: "letters, digits, '_', '.' and '-'",
-            });
-        }
+        check_chars(
+            chars,
+            |c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'),
+            "letters, digits, '_', '.' and '-'",
+        )?;
         Ok(Self(value.to_owned()))
     }
 
@@ -78,29 +71,17 @@ impl IfName {
     pub const MAX_LEN: usize = 15;
 
     pub fn parse(value: &str) -> Result<Self, IdError> {
-        if value.is_empty() {
-            return Err(IdError::Empty);
-        }
-        if value.len() > Self::MAX_LEN {
-            return Err(IdError::TooLong {
-                len: value.len(),
-                max: Self::MAX_LEN,
-            });
-        }
+        check_len(value, Self::MAX_LEN)?;
         for reserved in [".", ".."] {
             if value == reserved {
                 return Err(IdError::Reserved { value: reserved });
             }
         }
-        if let Some(found) = value
-            .chars()
-            .find(|c| matches!(c, '/' | ':' | '\0') || c.is_whitespace())
-        {
-            return Err(IdError::BadChar {
-                found,
-                allowed: "characters other than '/', ':' and whitespace",
-            });
-        }
+        check_chars(
+            value.chars(),
+            |c| !(matches!(c, '/' | ':' | '\0') || c.is_whitespace()),
+            "characters other than '/', ':' and whitespace",
+        )?;
         Ok(Self(value.to_owned()))
     }
 
@@ -118,24 +99,12 @@ impl PodUid {
     pub const MAX_LEN: usize = 64;
 
     pub fn parse(value: &str) -> Result<Self, IdError> {
-        if value.is_empty() {
-            return Err(IdError::Empty);
-        }
-        if value.len() > Self::MAX_LEN {
-            return Err(IdError::TooLong {
-                len: value.len(),
-                max: Self::MAX_LEN,
-            });
-        }
-        if let Some(found) = value
-            .chars()
-            .find(|c| !(c.is_ascii_digit() || matches!(c, 'a'..='f' | '-')))
-        {
-            return Err(IdError::BadChar {
-                found,
-                allowed: "lowercase hex digits and '-'",
-            });
-        }
+        check_len(value, Self::MAX_LEN)?;
+        check_chars(
+            value.chars(),
+            |c| c.is_ascii_digit() || matches!(c, 'a'..='f' | '-'),
+            "lowercase hex digits and '-'",
+        )?;
         Ok(Self(value.to_owned()))
     }
 
@@ -147,6 +116,32 @@ impl PodUid {
     /// since `-` separates the slice hierarchy).
     pub fn systemd_escaped(&self) -> String {
         self.0.replace('-', "_")
+    }
+}
+
+/// Not empty, and at most `max` bytes.
+fn check_len(value: &str, max: usize) -> Result<(), IdError> {
+    if value.is_empty() {
+        return Err(IdError::Empty);
+    }
+    if value.len() > max {
+        return Err(IdError::TooLong {
+            len: value.len(),
+            max,
+        });
+    }
+    Ok(())
+}
+
+/// The first of `chars` that is not `allowed` (described as `what`) is an error.
+fn check_chars(
+    mut chars: impl Iterator<Item = char>,
+    allowed: impl Fn(char) -> bool,
+    what: &'static str,
+) -> Result<(), IdError> {
+    match chars.find(|c| !allowed(*c)) {
+        Some(found) => Err(IdError::BadChar { found, allowed: what }),
+        None => Ok(()),
     }
 }
 

@@ -405,11 +405,11 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
-    use crate::config::Config;
+    use crate::config::NetConf;
 
     fn spec(extra: &str) -> RedirectSpec {
         let json = format!(r#"{{"cniVersion":"1.1.0","name":"net","type":"meshbypass"{extra}}}"#);
-        Config::parse(json.as_bytes())
+        NetConf::parse(json.as_bytes())
             .unwrap_or_else(|e| panic!("{json} should parse: {e}"))
             .redirect
     }
@@ -741,9 +741,10 @@ COMMIT
         );
     }
 
-    /// Privileged checks, run when root with `ip` and the iptables tools (as in CI): every
-    /// golden is accepted by the real `iptables-restore`, and apply / reapply / cleanup behave
-    /// on a real table in a throwaway network namespace.
+    /// Privileged checks, run as root (as in CI, where `ip` and both iptables backends must be
+    /// there; elsewhere they skip and say so): every golden is accepted by the real
+    /// `iptables-restore`, and apply / reapply / cleanup behave on a real table in a throwaway
+    /// network namespace.
     mod privileged {
         use std::io::Write as _;
         use std::process::{Command, Stdio};
@@ -822,15 +823,18 @@ COMMIT
                 }
             }
 
-            fn exist(&self) -> bool {
-                [&self.restore, &self.save].iter().all(|tool| {
-                    Command::new(tool)
+            /// Both tools, or a failure naming the missing one: Debian's iptables package has
+            /// both backends, and scripts/deps.sh installs it.
+            fn require(&self) {
+                for tool in [&self.restore, &self.save] {
+                    let runs = Command::new(tool)
                         .arg("--version")
                         .stdout(Stdio::null())
                         .stderr(Stdio::null())
                         .status()
-                        .is_ok_and(|status| status.success())
-                })
+                        .is_ok_and(|status| status.success());
+                    assert!(runs, "{tool} is missing: scripts/deps.sh installs iptables");
+                }
             }
         }
 
@@ -844,19 +848,21 @@ COMMIT
             }
         }
 
-        /// Root and `ip`; each backend is then checked for on its own.
+        /// Root (else the test skips, saying so), then `ip`, which must be there: as root a
+        /// missing tool is a failure, not a skip.
+        #[track_caller]
         fn available() -> bool {
-            let root = nix::unistd::Uid::effective().is_root();
+            if !meshbypass_tests::privileged() {
+                return false;
+            }
             let ip = Command::new("ip")
                 .arg("-V")
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .status()
                 .is_ok_and(|status| status.success());
-            if !(root && ip) {
-                eprintln!("skipping: needs root and ip");
-            }
-            root && ip
+            assert!(ip, "ip is missing: scripts/deps.sh installs iproute2");
+            true
         }
 
         const BACKENDS: [(Family, &str); 4] = [
@@ -875,10 +881,7 @@ COMMIT
                 let ns = Netns::new("golden");
                 for (name, spec, family) in cases() {
                     let tools = Tools::new(family, backend);
-                    if !tools.exist() {
-                        eprintln!("skipping {}: not installed", tools.restore);
-                        continue;
-                    }
+                    tools.require();
                     let input = ruleset(&spec, family);
                     if let Err(stderr) = ns.run(&tools.restore, &["--noflush", "--test", "-w"], &input) {
                         panic!("golden {name} is rejected by {}:\n{stderr}", tools.restore);
@@ -894,10 +897,7 @@ COMMIT
             }
             for (family, backend) in BACKENDS {
                 let tools = Tools::new(family, backend);
-                if !tools.exist() {
-                    eprintln!("skipping {}: not installed", tools.restore);
-                    continue;
-                }
+                tools.require();
                 let what = format!("{family}{backend}");
                 let foreign = "-A OUTPUT -p udp --dport 9999 -j RETURN";
                 let ns = Netns::new("apply");

@@ -23,7 +23,7 @@ use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    config::Config,
+    config::NetConf,
     env::{Command, Env},
     error::CniError,
     ids::ContainerId,
@@ -136,7 +136,7 @@ struct Request {
 impl Journal {
     /// The request's command and pod, once its configuration (`stateDir`)
     /// is known; only ADD and DEL are logged.
-    pub fn begin(&mut self, env: &Env, config: &Config) {
+    pub fn begin(&mut self, env: &Env, config: &NetConf) {
         if !matches!(env.command, Command::Add | Command::Del) {
             return;
         }
@@ -166,7 +166,7 @@ impl Journal {
                 .map(|id| StateDir::new(&r.state_dir).load(id))
             {
                 Some(Ok(Some(record))) => match record.mode {
-                    Some(mode) => (Decision::Meshed, Some(mode)),
+                    Some(mode) => (Decision::Meshed, Some(mode.as_str().to_owned())),
                     None => (Decision::RedirectOnly, None),
                 },
                 _ => (Decision::NotMeshed, None),

@@ -249,24 +249,23 @@ fn resolve(raw: RawKubeconfig, base: &Path) -> Result<ApiAccess, KubeconfigError
 
 fn cluster_server(named: &NamedCluster) -> Result<String, KubeconfigError> {
     let cluster = &named.cluster;
-    if cluster.insecure_skip_tls_verify == Some(true) {
-        return Err(KubeconfigError::Unsupported {
-            key: "insecure-skip-tls-verify",
-            fix: "give the cluster's certificate-authority instead",
-        });
-    }
-    if cluster.tls_server_name.is_some() {
-        return Err(KubeconfigError::Unsupported {
-            key: "tls-server-name",
-            fix: "use a server address that the API server's certificate names",
-        });
-    }
-    if cluster.proxy_url.is_some() {
-        return Err(KubeconfigError::Unsupported {
-            key: "proxy-url",
-            fix: "the plugin connects to the API server directly",
-        });
-    }
+    refuse([
+        (
+            cluster.insecure_skip_tls_verify == Some(true),
+            "insecure-skip-tls-verify",
+            "give the cluster's certificate-authority instead",
+        ),
+        (
+            cluster.tls_server_name.is_some(),
+            "tls-server-name",
+            "use a server address that the API server's certificate names",
+        ),
+        (
+            cluster.proxy_url.is_some(),
+            "proxy-url",
+            "the plugin connects to the API server directly",
+        ),
+    ])?;
     let server = cluster
         .server
         .as_deref()
@@ -282,6 +281,14 @@ fn cluster_server(named: &NamedCluster) -> Result<String, KubeconfigError> {
         });
     }
     Ok(server.trim_end_matches('/').to_owned())
+}
+
+/// The first key that is set, of `(set, key, fix)`, is an [`KubeconfigError::Unsupported`].
+fn refuse<const N: usize>(keys: [(bool, &'static str, &'static str); N]) -> Result<(), KubeconfigError> {
+    match keys.into_iter().find(|(set, _, _)| *set) {
+        Some((_, key, fix)) => Err(KubeconfigError::Unsupported { key, fix }),
+        None => Ok(()),
+    }
 }
 
 fn cluster_roots(named: &NamedCluster, base: &Path) -> Result<Vec<Certificate<'static>>, KubeconfigError> {
@@ -321,24 +328,20 @@ fn cluster_roots(named: &NamedCluster, base: &Path) -> Result<Vec<Certificate<'s
 }
 
 fn user_token(user: &RawUser, base: &Path) -> Result<Option<String>, KubeconfigError> {
-    if user.exec.is_some() {
-        return Err(KubeconfigError::Unsupported {
-            key: "users[].user.exec",
-            fix: "give the node agent's service account token in token or tokenFile",
-        });
-    }
-    if user.auth_provider.is_some() {
-        return Err(KubeconfigError::Unsupported {
-            key: "users[].user.auth-provider",
-            fix: "give the node agent's service account token in token or tokenFile",
-        });
-    }
-    if user.username.is_some() {
-        return Err(KubeconfigError::Unsupported {
-            key: "users[].user.username",
-            fix: "basic authentication is gone from Kubernetes; use a token",
-        });
-    }
+    let token_instead = "give the node agent's service account token in token or tokenFile";
+    refuse([
+        (user.exec.is_some(), "users[].user.exec", token_instead),
+        (
+            user.auth_provider.is_some(),
+            "users[].user.auth-provider",
+            token_instead,
+        ),
+        (
+            user.username.is_some(),
+            "users[].user.username",
+            "basic authentication is gone from Kubernetes; use a token",
+        ),
+    ])?;
     // The file wins, as in client-go: the node agent rewrites it when the token rotates.
     let (key, token) = match (&user.token_file, &user.token) {
         (Some(file), _) => (
@@ -572,12 +575,7 @@ mod tests {
         for (text, expect) in cases {
             let path = write(dir.path(), "kubeconfig", &text);
             let err = load(&path).expect_err(&text);
-            let mut chain = err.to_string();
-            let mut cause = std::error::Error::source(&err);
-            while let Some(c) = cause {
-                chain.push_str(&format!(": {c}"));
-                cause = c.source();
-            }
+            let chain = meshbypass_ebpf::chain::error_chain(&err);
             assert!(
                 chain.contains(expect),
                 "{text:?} → {chain:?} should mention {expect:?}"

@@ -37,7 +37,7 @@ use log::warn;
 use serde::Deserialize;
 
 use crate::cidr::Cidr;
-use crate::config::{Config, InboundPorts, Mesh, Mode, OutboundCidrs, RedirectSpec};
+use crate::config::{InboundPorts, Mesh, Mode, NetConf, OutboundCidrs, RedirectSpec};
 use crate::ids::IfName;
 
 pub const ISTIO_PROXY: &str = "istio-proxy";
@@ -75,7 +75,7 @@ const MAX_RANGE_PORTS: usize = 1024;
 /// service's ports.
 const LINKERD_CONTROL_PLANE_SKIP: [u16; 2] = [443, 6443];
 
-/// The parts of a `v1.Pod` the policy reads.
+/// The parts of a `v1.Pod` the policy reads (the API object, not the plugin's `PodRecord`).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Pod {
@@ -294,7 +294,7 @@ pub fn settings(
     pod: &Pod,
     namespace: &Namespace,
     mesh: Mesh,
-    config: &Config,
+    config: &NetConf,
 ) -> Result<(RedirectSpec, Mode), PodSettingError> {
     let mut spec = if config.mesh() == mesh {
         config.redirect.clone()
@@ -565,9 +565,9 @@ mod tests {
         assert!(matches!(injected(&p).expect("decides"), Injected::No { .. }));
     }
 
-    fn config(extra: &str) -> Config {
+    fn config(extra: &str) -> NetConf {
         let json = format!(r#"{{"cniVersion":"1.1.0","name":"n","type":"meshbypass"{extra}}}"#);
-        Config::parse(json.as_bytes()).expect("config")
+        NetConf::parse(json.as_bytes()).expect("config")
     }
 
     fn istio_pod(annotations: serde_json::Value, security: serde_json::Value) -> Pod {

@@ -19,7 +19,7 @@
 use std::time::Instant;
 
 use crate::{
-    config::{Config, ConfigError, Mode, RedirectSpec},
+    config::{ConfigError, Mode, NetConf, RedirectSpec},
     env::{CniArgs, EnvError},
     error::CniError,
     ids::IdError,
@@ -48,7 +48,7 @@ pub trait PodPolicy {
 
 /// Every pod outside the excluded namespaces, with the configuration's settings.
 pub struct StaticPolicy<'a> {
-    pub config: &'a Config,
+    pub config: &'a NetConf,
 }
 
 impl PodPolicy for StaticPolicy<'_> {
@@ -65,7 +65,7 @@ impl PodPolicy for StaticPolicy<'_> {
     }
 }
 
-fn excluded(config: &Config, pod: &CniArgs) -> Option<Decision> {
+fn excluded(config: &NetConf, pod: &CniArgs) -> Option<Decision> {
     let ns = pod.pod_namespace.as_ref()?;
     config
         .kubernetes
@@ -79,12 +79,12 @@ fn excluded(config: &Config, pod: &CniArgs) -> Option<Decision> {
 
 /// The pod's own annotations, read from the API server.
 pub struct KubePolicy<'a> {
-    config: &'a Config,
+    config: &'a NetConf,
     client: Client,
 }
 
 impl<'a> KubePolicy<'a> {
-    pub fn new(config: &'a Config, client: Client) -> KubePolicy<'a> {
+    pub fn new(config: &'a NetConf, client: Client) -> KubePolicy<'a> {
         KubePolicy { config, client }
     }
 }
@@ -203,7 +203,7 @@ fn setting_error(err: PodSettingError) -> CniError {
 
 /// The policy the configuration asks for. A kubeconfig that cannot be used is an invalid
 /// configuration (7).
-pub fn for_config(config: &Config) -> Result<Box<dyn PodPolicy + '_>, CniError> {
+pub fn for_config(config: &NetConf) -> Result<Box<dyn PodPolicy + '_>, CniError> {
     match &config.kubernetes.kubeconfig {
         None => Ok(Box::new(StaticPolicy { config })),
         Some(path) => {
@@ -222,9 +222,9 @@ pub fn for_config(config: &Config) -> Result<Box<dyn PodPolicy + '_>, CniError> 
 mod tests {
     use super::*;
 
-    fn config(extra: &str) -> Config {
+    fn config(extra: &str) -> NetConf {
         let json = format!(r#"{{"cniVersion":"1.1.0","name":"n","type":"meshbypass"{extra}}}"#);
-        Config::parse(json.as_bytes()).expect("config")
+        NetConf::parse(json.as_bytes()).expect("config")
     }
 
     #[test]

@@ -8,14 +8,16 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use meshbypass_ebpf::Mode;
 use serde::{Deserialize, Serialize};
 
 use crate::ids::ContainerId;
 
-/// One container's record.
+/// What ADD did for one container (its record), for DEL, CHECK and GC. Not the pod's
+/// registration in the node's maps (`meshbypass_ebpf::PodEntry`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct PodState {
+pub struct PodRecord {
     pub container_id: String,
     pub ifname: String,
     pub netns: Option<PathBuf>,
@@ -28,7 +30,7 @@ pub struct PodState {
     /// Set when the bypass was attached and the pod registered.
     pub netns_cookie: Option<u64>,
     pub cgroup: Option<PathBuf>,
-    pub mode: Option<String>,
+    pub mode: Option<Mode>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -70,7 +72,7 @@ impl StateDir {
         format!(".{}.tmp-", id.stem())
     }
 
-    pub fn save(&self, state: &PodState, id: &ContainerId) -> Result<(), StateError> {
+    pub fn save(&self, state: &PodRecord, id: &ContainerId) -> Result<(), StateError> {
         let path = self.path(id);
         let err = |source| StateError::Write {
             path: path.clone(),
@@ -85,7 +87,7 @@ impl StateDir {
         fs::rename(&tmp, &path).map_err(err)
     }
 
-    pub fn load(&self, id: &ContainerId) -> Result<Option<PodState>, StateError> {
+    pub fn load(&self, id: &ContainerId) -> Result<Option<PodRecord>, StateError> {
         let path = self.path(id);
         match fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes)
@@ -161,7 +163,7 @@ mod tests {
         let sd = StateDir::new(&dir.path().join("state"));
         let id = ContainerId::parse("abc123").unwrap();
         assert_eq!(sd.load(&id).unwrap(), None);
-        let st = PodState {
+        let st = PodRecord {
             container_id: "abc123".into(),
             ifname: "eth0".into(),
             netns: Some("/run/netns/x".into()),
@@ -172,7 +174,7 @@ mod tests {
             families: vec!["ipv4".into()],
             netns_cookie: Some(42),
             cgroup: None,
-            mode: Some("auto".into()),
+            mode: Some(Mode::Auto),
         };
         sd.save(&st, &id).unwrap();
         assert_eq!(sd.load(&id).unwrap(), Some(st));

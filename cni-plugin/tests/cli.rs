@@ -1,6 +1,7 @@
 //! The plugin binary as a runtime runs it: env + stdin in, one JSON (or
 //! nothing) out. Every command, and bad input of every kind: the right CNI
-//! error code, a non-zero exit, and nothing on stdout but the JSON.
+//! error code, a non-zero exit, and nothing on stdout but the JSON. ADD, CHECK
+//! and DEL past the capability check need root (they skip otherwise).
 
 use std::{
     io::Write,
@@ -201,6 +202,10 @@ fn config_errors_name_what_to_fix() {
 
 #[test]
 fn add_without_prev_result_says_it_is_chained() {
+    // ADD, CHECK and DEL need CAP_NET_ADMIN and CAP_SYS_ADMIN (code 50 without).
+    if !meshbypass_tests::privileged() {
+        return;
+    }
     let (_d, conf) = dirs();
     let msg = error(&run(ADD, conf.to_string().as_bytes()), 7);
     assert!(msg.contains("chained"), "{msg}");
@@ -211,6 +216,10 @@ fn add_without_prev_result_says_it_is_chained() {
 
 #[test]
 fn add_for_an_excluded_namespace_passes_the_result_through() {
+    // ADD, CHECK and DEL need CAP_NET_ADMIN and CAP_SYS_ADMIN (code 50 without).
+    if !meshbypass_tests::privileged() {
+        return;
+    }
     let (_d, mut conf) = dirs();
     conf["prevResult"] = prev();
     let mut env = ADD.to_vec();
@@ -226,6 +235,10 @@ fn add_for_an_excluded_namespace_passes_the_result_through() {
 
 #[test]
 fn add_with_a_missing_netns_is_code_101() {
+    // ADD, CHECK and DEL need CAP_NET_ADMIN and CAP_SYS_ADMIN (code 50 without).
+    if !meshbypass_tests::privileged() {
+        return;
+    }
     let (_d, mut conf) = dirs();
     conf["prevResult"] = prev();
     error(&run(ADD, conf.to_string().as_bytes()), 101);
@@ -233,6 +246,10 @@ fn add_with_a_missing_netns_is_code_101() {
 
 #[test]
 fn del_of_nothing_succeeds_silently() {
+    // ADD, CHECK and DEL need CAP_NET_ADMIN and CAP_SYS_ADMIN (code 50 without).
+    if !meshbypass_tests::privileged() {
+        return;
+    }
     let (_d, conf) = dirs();
     let env = [
         ("CNI_COMMAND", "DEL"),
@@ -318,6 +335,10 @@ fn prev_in(version: &str) -> Value {
 /// excluded namespace, so nothing is configured.
 #[test]
 fn example_conflists_are_served_in_their_declared_version() {
+    // ADD, CHECK and DEL need CAP_NET_ADMIN and CAP_SYS_ADMIN (code 50 without).
+    if !meshbypass_tests::privileged() {
+        return;
+    }
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../conflist");
     let shipped = [
         ("bridge.conflist", "1.0.0"),

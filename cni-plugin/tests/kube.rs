@@ -6,9 +6,9 @@
 //! The decision and the generated rules of each pod are compared with
 //! `testdata/kube/<case>.golden`; `MESHBYPASS_UPDATE_GOLDEN=1` rewrites them. The last tests run
 //! the `meshbypass` binary end to end; the one that applies rules in a real network namespace
-//! needs root, `ip` and iptables. Under CI (root, which `scripts/test.sh` requires, or `CI` set)
-//! it fails when it cannot run; elsewhere it passes without running and says so on the terminal
-//! (a `SKIPPED` line written to stderr directly, which `cargo test` does not capture).
+//! needs root, `ip` and iptables; as root a missing tool is a failure. The tests that run the
+//! binary past its capability check skip when not root, and say so (`meshbypass_tests::privileged`:
+//! under CI, with `CI` set, they fail instead).
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
@@ -21,7 +21,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use meshbypass_cni::cidr::Family;
-use meshbypass_cni::config::Config;
+use meshbypass_cni::config::NetConf;
 use meshbypass_cni::env::CniArgs;
 use meshbypass_cni::error::CniError;
 use meshbypass_cni::iptables;
@@ -300,16 +300,16 @@ fn cni_args(case: &str) -> String {
     )
 }
 
-fn config(kubeconfig: &Path, timeout: f64) -> Config {
+fn config(kubeconfig: &Path, timeout: f64) -> NetConf {
     let json = format!(
         r#"{{"cniVersion":"1.1.0","name":"k8s-pod-network","type":"meshbypass",
             "kubernetes":{{"kubeconfig":"{}","timeoutSeconds":{timeout}}}}}"#,
         kubeconfig.display()
     );
-    Config::parse(json.as_bytes()).expect("config")
+    NetConf::parse(json.as_bytes()).expect("config")
 }
 
-fn decide(config: &Config, args: &str) -> Result<Decision, CniError> {
+fn decide(config: &NetConf, args: &str) -> Result<Decision, CniError> {
     let args = CniArgs::parse(args).expect("CNI_ARGS");
     policy::for_config(config)?.decide(&args)
 }
@@ -448,7 +448,7 @@ fn excluded_namespaces_and_missing_identity_never_reach_the_api() {
 }
 
 /// `code` and the whole message (msg and details), and the time it took.
-fn failure(config: &Config, args: &str) -> (u32, String, Duration) {
+fn failure(config: &NetConf, args: &str) -> (u32, String, Duration) {
     let started = Instant::now();
     let err = decide(config, args).expect_err("should fail");
     let elapsed = started.elapsed();
@@ -698,6 +698,10 @@ fn error_code(run: &Run) -> u64 {
 
 #[test]
 fn binary_meshes_istio_passes_plain_and_fails_closed_without_api() {
+    // ADD, CHECK and DEL need CAP_NET_ADMIN and CAP_SYS_ADMIN (code 50 without).
+    if !meshbypass_tests::privileged() {
+        return;
+    }
     let api = FakeApi::testdata();
     let dir = tempfile::tempdir().expect("tempdir");
     let kubeconfig = api.kubeconfig(dir.path());
@@ -783,6 +787,10 @@ fn binary_meshes_istio_passes_plain_and_fails_closed_without_api() {
 
 #[test]
 fn binary_bad_kubeconfig_is_code_7() {
+    // ADD, CHECK and DEL need CAP_NET_ADMIN and CAP_SYS_ADMIN (code 50 without).
+    if !meshbypass_tests::privileged() {
+        return;
+    }
     let dir = tempfile::tempdir().expect("tempdir");
     let kubeconfig = dir.path().join("kubeconfig");
     std::fs::write(
@@ -802,40 +810,6 @@ fn binary_bad_kubeconfig_is_code_7() {
     assert!(run.stdout.contains("certificate-authority"), "{}", run.stdout);
 }
 
-/// Whether this is a CI run: CI runs the suite as root (`scripts/test.sh` refuses to run
-/// otherwise), and CI services set `CI` (to anything but `false` or `0`).
-fn under_ci() -> bool {
-    nix::unistd::Uid::effective().is_root()
-        || std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
-}
-
-/// Whether a privileged test can run: true when it can; under CI a failure naming what is
-/// missing; elsewhere false after saying on the terminal that the test skipped. `cargo test`
-/// captures what a test prints with `print!`/`eprint!` and shows it only if the test fails, so
-/// the line is written to the stderr handle itself, which it does not capture.
-fn can_run(test: &str, needs: &[(&str, bool)]) -> bool {
-    let missing: Vec<&str> = needs
-        .iter()
-        .filter(|(_, ok)| !ok)
-        .map(|(what, _)| *what)
-        .collect();
-    if missing.is_empty() {
-        return true;
-    }
-    assert!(
-        !under_ci(),
-        "{test} cannot run under CI (root, or CI set): missing {missing:?} (scripts/test.sh \
-         runs it as root, after scripts/deps.sh installed the tools)"
-    );
-    let mut stderr = std::io::stderr().lock();
-    writeln!(
-        stderr,
-        "SKIPPED {test}: needs {missing:?}; it runs under scripts/test.sh (root)"
-    )
-    .expect("write to stderr");
-    false
-}
-
 /// Root, `ip` and iptables: the annotated Istio pod's own rules land in a real network namespace,
 /// and DEL removes them.
 #[test]
@@ -848,14 +822,11 @@ fn binary_applies_the_pods_own_rules_in_a_real_netns() {
             .status()
             .is_ok_and(|s| s.success())
     };
-    let needs = [
-        ("root", nix::unistd::Uid::effective().is_root()),
-        ("ip", tool("ip")),
-        ("iptables-save", tool("iptables-save")),
-        ("iptables-restore", tool("iptables-restore")),
-    ];
-    if !can_run("binary_applies_the_pods_own_rules_in_a_real_netns", &needs) {
+    if !meshbypass_tests::privileged() {
         return;
+    }
+    for t in ["ip", "iptables-save", "iptables-restore"] {
+        assert!(tool(t), "{t} is missing: scripts/deps.sh installs it");
     }
     struct Netns(String);
     impl Drop for Netns {

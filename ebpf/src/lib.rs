@@ -9,6 +9,7 @@ mod alignchecker;
 pub mod attach;
 pub mod bpffs;
 pub mod cgroup2;
+pub mod chain;
 pub mod counters;
 mod fnv;
 pub mod loader;

@@ -13,8 +13,10 @@ use crate::{
     maps::NodeMaps,
 };
 
-/// A pod as the plugin registers it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A pod's registration: what the plugin writes ([`NodeMaps::register_pod`])
+/// and what reading the maps gives back ([`NodeMaps::pods`]).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct PodEntry {
     pub netns_cookie: u64,
     pub ips: Vec<IpAddr>,
@@ -58,18 +60,6 @@ pub enum PodError {
         #[source]
         source: MapError,
     },
-}
-
-/// A registered pod, as read back.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct RegisteredPod {
-    pub netns_cookie: u64,
-    pub ips: Vec<IpAddr>,
-    pub outbound_port: u16,
-    pub inbound_port: u16,
-    pub proxy_uid: Option<u32>,
-    pub proxy_gid: Option<u32>,
-    pub mode: &'static str,
 }
 
 /// What [`NodeMaps::unregister_pod`] removed.
@@ -208,7 +198,7 @@ impl NodeMaps {
     }
 
     /// The pod registered for a netns, if any.
-    pub fn pod_by_netns(&self, netns_cookie: u64) -> Option<RegisteredPod> {
+    pub fn pod_by_netns(&self, netns_cookie: u64) -> Option<PodEntry> {
         let pod = self.netns.get(&netns_cookie, 0).ok()?;
         let ips = self
             .pods
@@ -217,12 +207,12 @@ impl NodeMaps {
             .filter(|(_, p)| p.netns == netns_cookie)
             .map(|(ip, _)| ip.to_ip())
             .collect();
-        Some(describe(netns_cookie, &pod, ips))
+        describe(netns_cookie, &pod, ips)
     }
 
     /// Every registered pod: one walk of each map, whatever the number of
     /// pods (status and metrics call this on a busy node).
-    pub fn pods(&self) -> Vec<RegisteredPod> {
+    pub fn pods(&self) -> Vec<PodEntry> {
         let mut ips: std::collections::HashMap<u64, Vec<IpAddr>> = std::collections::HashMap::new();
         for (ip, pod) in self.pods.iter().filter_map(Result::ok) {
             ips.entry(pod.netns).or_default().push(ip.to_ip());
@@ -230,21 +220,30 @@ impl NodeMaps {
         self.netns
             .iter()
             .filter_map(Result::ok)
-            .map(|(cookie, pod)| describe(cookie, &pod, ips.remove(&cookie).unwrap_or_default()))
+            .filter_map(|(cookie, pod)| describe(cookie, &pod, ips.remove(&cookie).unwrap_or_default()))
             .collect()
     }
 }
 
-fn describe(netns_cookie: u64, pod: &Pod, mut ips: Vec<IpAddr>) -> RegisteredPod {
+/// The registration of `netns_cookie`. A mode byte that no [`Mode`] has is
+/// not an entry this layout writes: it is skipped with a warning.
+fn describe(netns_cookie: u64, pod: &Pod, mut ips: Vec<IpAddr>) -> Option<PodEntry> {
+    let Some(mode) = Mode::from_raw(pod.mode) else {
+        log::warn!(
+            "netns {netns_cookie}: registered with unknown mode {}; skipped",
+            pod.mode
+        );
+        return None;
+    };
     ips.sort();
     let id = |v: u32| (v != NO_ID).then_some(v);
-    RegisteredPod {
+    Some(PodEntry {
         netns_cookie,
         ips,
         outbound_port: pod.outbound_port,
         inbound_port: pod.inbound_port,
         proxy_uid: id(pod.proxy_uid),
         proxy_gid: id(pod.proxy_gid),
-        mode: Mode::from_raw(pod.mode).map_or("unknown", Mode::as_str),
-    }
+        mode,
+    })
 }

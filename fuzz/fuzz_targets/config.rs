@@ -1,4 +1,4 @@
-//! stdin as the plugin reads it: `Config::parse` on arbitrary bytes, then, for
+//! stdin as the plugin reads it: `NetConf::parse` on arbitrary bytes, then, for
 //! every configuration it accepts, the rules it would install (both families)
 //! and the error reply it would print for one it refuses. Properties: no
 //! panic; an accepted configuration always renders one well-formed
@@ -6,7 +6,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use meshbypass_cni::{cidr::Family, config::Config, error::CniError, iptables};
+use meshbypass_cni::{cidr::Family, config::NetConf, error::CniError, iptables};
 
 /// Lines `ruleset` may emit: a comment, the table, chain declarations of ours,
 /// rules appended to our chains or to the two hooks, the commit.
@@ -48,7 +48,7 @@ fuzz_target!(|data: &[u8]| {
             return;
         }
     }
-    match Config::parse(data) {
+    match NetConf::parse(data) {
         Ok(config) => {
             for family in Family::ALL {
                 check_ruleset(&iptables::ruleset(&config.redirect, family));

@@ -30,6 +30,7 @@ use std::{
 };
 
 use anyhow::Context;
+use meshbypass_ebpf::chain::error_chain;
 use meshbypass_ebpf::{
     NodeMaps,
     abi::KERNEL_PROBED,
@@ -183,7 +184,7 @@ fn load(root: &Path, opts: &RunOptions, node: &SharedNode, stats: &Stats) -> boo
                 "the node's maps cannot be loaded at {}: {}; the plugin is installed anyway \
                  (pods get their redirect, not the bypass); retrying every {} s",
                 root.display(),
-                crate::errors::chain(&e),
+                error_chain(&e),
                 LOAD_RETRY.as_secs()
             );
             // Said once per distinct error, not at every retry.
@@ -384,7 +385,7 @@ fn update_settings(root: &Path, opts: &RunOptions, installer: &mut Installer, st
                 installer.set_entry(entry);
             }
             Ok(None) => {}
-            Err(e) => log::warn!("reading our chained entry: {}", crate::errors::chain(&e)),
+            Err(e) => log::warn!("reading our chained entry: {}", error_chain(&e)),
         }
     }
     let keeping = if installer.has_entry() {
@@ -392,7 +393,7 @@ fn update_settings(root: &Path, opts: &RunOptions, installer: &mut Installer, st
     } else {
         "nothing is chained until they are valid"
     };
-    let message = format!("{}; {keeping}", crate::errors::chain(&err));
+    let message = format!("{}; {keeping}", error_chain(&err));
     if stats.settings_problem().is_none_or(|p| p.message != message) {
         stats.settings_rejections.fetch_add(1, Ordering::Relaxed);
         log::error!("{message}");
@@ -441,7 +442,7 @@ fn reconcile(
         Err(e) => {
             stats.installed.store(installer.is_installed(), Ordering::Relaxed);
             stats.reconcile_errors.fetch_add(1, Ordering::Relaxed);
-            log::warn!("{}", crate::errors::chain(&e));
+            log::warn!("{}", error_chain(&e));
             false
         }
     }
@@ -463,7 +464,7 @@ fn collect_garbage(state_dir: &Path, node: &SharedNode, stats: &Stats) {
         }
         Err(e) => {
             stats.gc_errors.fetch_add(1, Ordering::Relaxed);
-            log::warn!("{}", crate::errors::chain(&e));
+            log::warn!("{}", error_chain(&e));
         }
     }
 }

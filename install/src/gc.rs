@@ -17,6 +17,7 @@ use std::{
 use meshbypass_ebpf::{
     NodeMaps,
     attach::{AttachError, valid_link_name},
+    chain::error_chain,
     pods::PodError,
 };
 use serde::Deserialize;
@@ -121,7 +122,7 @@ pub fn collect(state_dir: &Path, node: &mut NodeMaps) -> Result<GcReport, GcErro
                 }
             },
             Err(e) => {
-                log::warn!("gc: {}", crate::errors::chain(&e));
+                log::warn!("gc: {}", error_chain(&e));
                 report.errors += 1;
             }
         }

@@ -15,7 +15,7 @@ use std::{
     time::Duration,
 };
 
-use meshbypass_cni::config::{Config, ConfigError};
+use meshbypass_cni::config::{ConfigError, NetConf};
 use serde_json::{Map, Value};
 
 use crate::{
@@ -114,7 +114,7 @@ impl InstallError {
 /// (libcni sets both on every plugin of a list, so the entry's own, if any,
 /// do not count). A key the plugin does not know, a port out of range, a
 /// relative path: each fails here, before any ADD could fail on it.
-pub fn validate(entry: &Value) -> Result<Config, ConfigError> {
+pub fn validate(entry: &Value) -> Result<NetConf, ConfigError> {
     let mut request = match entry {
         Value::Object(obj) => obj.clone(),
         _ => Map::new(),
@@ -122,7 +122,7 @@ pub fn validate(entry: &Value) -> Result<Config, ConfigError> {
     request.insert("cniVersion".into(), meshbypass_cni::version::NEWEST.into());
     request.insert("name".into(), "meshbypass-settings".into());
     let bytes = serde_json::to_vec(&Value::Object(request)).expect("a serde_json::Value always serializes");
-    Config::parse(&bytes)
+    NetConf::parse(&bytes)
 }
 
 /// Our conflist entry: the settings file (default `{"type": "meshbypass"}`),
@@ -503,7 +503,7 @@ mod tests {
             fs::write(&settings, text).expect("writing settings");
             let err = entry(Some(&settings), root, None).expect_err(text);
             assert_eq!(err.settings_reason(), Some(reason), "{text}: {err:?}");
-            let message = crate::errors::chain(&err);
+            let message = meshbypass_ebpf::chain::error_chain(&err);
             assert!(message.contains(names), "{text}: {message}");
         }
         fs::write(

@@ -8,7 +8,6 @@ mod cmd;
 mod confdir;
 mod conflist;
 mod decisions;
-mod errors;
 mod gc;
 mod http;
 mod installer;

@@ -18,6 +18,7 @@ use meshbypass_cni::journal::{Decision, Entry};
 use meshbypass_ebpf::{
     Counter, NodeMaps,
     abi::{Config, KERNEL_PROBED, LAYOUT_VERSION},
+    chain::error_chain,
     counters::Counters,
     selftest::HAZARDS,
     usage::MapUsage,
@@ -226,7 +227,7 @@ impl Snapshot {
             .ok();
         let maps = node
             .map_usage()
-            .inspect_err(|e| log::warn!("metrics: {}", crate::errors::chain(e)))
+            .inspect_err(|e| log::warn!("metrics: {}", error_chain(e)))
             .unwrap_or_default();
         Self {
             links: node.links().len(),

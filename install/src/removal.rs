@@ -27,6 +27,7 @@ use std::{
 };
 
 use meshbypass_cni::kubeapi::Client;
+use meshbypass_ebpf::chain::error_chain;
 use serde::Deserialize;
 
 use crate::{installer::KubeSetup, kubeconfig};
@@ -111,10 +112,10 @@ pub fn verdict(kube: Option<&KubeSetup>, ds: Option<&DaemonSetRef>, budget: Dura
     let access = kube
         .account
         .read()
-        .map_err(|e| crate::errors::chain(&e))
+        .map_err(|e| error_chain(&e))
         .and_then(|creds| {
             let doc = kubeconfig::render(&kube.server, &creds);
-            meshbypass_cni::kubeconfig::parse(&doc, Path::new("/")).map_err(|e| crate::errors::chain(&e))
+            meshbypass_cni::kubeconfig::parse(&doc, Path::new("/")).map_err(|e| error_chain(&e))
         });
     let client = match access {
         Ok(access) => Client::new(access),
@@ -175,7 +176,7 @@ fn ask(client: &Client, ds: &DaemonSetRef, budget: Duration) -> Verdict {
                         ),
                     };
                 }
-                _ => crate::errors::chain(&e),
+                _ => error_chain(&e),
             },
         };
         if Instant::now() + PAUSE >= deadline {

@@ -6,7 +6,6 @@
 
 use std::{
     collections::HashMap,
-    net::IpAddr,
     path::{Path, PathBuf},
     process::ExitCode,
 };
@@ -14,8 +13,9 @@ use std::{
 use anyhow::Context;
 use meshbypass_cni::state::StateDir;
 use meshbypass_ebpf::{
-    Counter, NodeMaps,
+    Counter, NodeMaps, PodEntry,
     abi::{KERNEL_PROBED, KERNEL_SAFE_ALL, KERNEL_SAFE_MEMBER, LAYOUT_VERSION},
+    chain::error_chain,
     counters::Counters,
     loader,
     maps::OpenError,
@@ -88,13 +88,8 @@ pub struct Pod {
     pub namespace: Option<String>,
     pub name: Option<String>,
     pub container_id: Option<String>,
-    pub netns_cookie: u64,
-    pub ips: Vec<IpAddr>,
-    pub outbound_port: u16,
-    pub inbound_port: u16,
-    pub proxy_uid: Option<u32>,
-    pub proxy_gid: Option<u32>,
-    pub mode: &'static str,
+    #[serde(flatten)]
+    pub registration: PodEntry,
 }
 
 #[derive(Debug, Serialize)]
@@ -117,7 +112,7 @@ fn names(state_dir: &Path) -> Names {
     let ids = match dir.list() {
         Ok(ids) => ids,
         Err(e) => {
-            log::warn!("pod names unknown: {}", crate::errors::chain(&e));
+            log::warn!("pod names unknown: {}", error_chain(&e));
             return Names::new();
         }
     };
@@ -126,7 +121,7 @@ fn names(state_dir: &Path) -> Names {
             Ok(Some(r)) => Some((r.netns_cookie?, (r.pod_namespace, r.pod_name, r.container_id))),
             Ok(None) => None,
             Err(e) => {
-                log::warn!("{}", crate::errors::chain(&e));
+                log::warn!("{}", error_chain(&e));
                 None
             }
         })
@@ -172,18 +167,16 @@ impl Status {
                     namespace,
                     name,
                     container_id,
-                    netns_cookie: p.netns_cookie,
-                    ips: p.ips,
-                    outbound_port: p.outbound_port,
-                    inbound_port: p.inbound_port,
-                    proxy_uid: p.proxy_uid,
-                    proxy_gid: p.proxy_gid,
-                    mode: p.mode,
+                    registration: p,
                 }
             })
             .collect();
         pod_list.sort_by(|a, b| {
-            (&a.namespace, &a.name, a.netns_cookie).cmp(&(&b.namespace, &b.name, b.netns_cookie))
+            (&a.namespace, &a.name, a.registration.netns_cookie).cmp(&(
+                &b.namespace,
+                &b.name,
+                b.registration.netns_cookie,
+            ))
         });
         Ok(Self {
             schema_version: SCHEMA_VERSION,
@@ -290,10 +283,10 @@ impl Status {
         for p in &self.pod_list {
             let name = match (&p.namespace, &p.name) {
                 (Some(ns), Some(n)) => format!("{ns}/{n}"),
-                _ => format!("netns {}", p.netns_cookie),
+                _ => format!("netns {}", p.registration.netns_cookie),
             };
-            let ips: Vec<String> = p.ips.iter().map(ToString::to_string).collect();
-            println!("  pod {name:<40} {:<32} {}", ips.join(","), p.mode);
+            let ips: Vec<String> = p.registration.ips.iter().map(ToString::to_string).collect();
+            println!("  pod {name:<40} {:<32} {}", ips.join(","), p.registration.mode);
         }
         for m in &self.maps {
             println!("  map {:<14} {:>8} / {}", m.name, m.entries, m.capacity);
@@ -367,13 +360,15 @@ mod tests {
             namespace: Some("ns".into()),
             name: Some("p".into()),
             container_id: Some("c".into()),
-            netns_cookie: 7,
-            ips: vec!["10.0.0.1".parse().unwrap()],
-            outbound_port: 15001,
-            inbound_port: 15006,
-            proxy_uid: Some(1337),
-            proxy_gid: None,
-            mode: "auto",
+            registration: PodEntry {
+                netns_cookie: 7,
+                ips: vec!["10.0.0.1".parse().unwrap()],
+                outbound_port: 15001,
+                inbound_port: 15006,
+                proxy_uid: Some(1337),
+                proxy_gid: None,
+                mode: meshbypass_ebpf::Mode::Auto,
+            },
         })
         .unwrap();
         let mut keys: Vec<&str> = pod.as_object().unwrap().keys().map(String::as_str).collect();

@@ -20,6 +20,7 @@ use std::{
 };
 
 use meshbypass_cri_client::{Cri, api};
+use meshbypass_ebpf::chain::error_chain;
 use serde_json::{Value, json};
 
 use crate::{
@@ -127,8 +128,8 @@ impl Containerd {
             self.socket.exists()
         });
         let cri = Cri::connect(&self.socket, CRI_TIMEOUT)
-            .unwrap_or_else(|e| panic!("{}: {}", chain(&e), self.log_text()));
-        let v = cri.version().unwrap_or_else(|e| panic!("{}", chain(&e)));
+            .unwrap_or_else(|e| panic!("{}: {}", error_chain(&e), self.log_text()));
+        let v = cri.version().unwrap_or_else(|e| panic!("{}", error_chain(&e)));
         eprintln!(
             "{} {} (CRI {})",
             v.runtime_name, v.runtime_version, v.runtime_api_version
@@ -137,7 +138,7 @@ impl Containerd {
             "CRI RuntimeReady and NetworkReady",
             Duration::from_secs(20),
             || {
-                let s = cri.status().unwrap_or_else(|e| panic!("{}", chain(&e)));
+                let s = cri.status().unwrap_or_else(|e| panic!("{}", error_chain(&e)));
                 s.status
                     .map(|s| s.conditions.iter().all(|c| c.status) && s.conditions.len() >= 2)
                     .unwrap_or(false)
@@ -211,7 +212,7 @@ impl Containerd {
         let images = self
             .cri()
             .list_images()
-            .unwrap_or_else(|e| panic!("{}", chain(&e)));
+            .unwrap_or_else(|e| panic!("{}", error_chain(&e)));
         assert!(
             images.iter().any(|i| i.ends_with(PAUSE_IMAGE)),
             "CRI does not list {PAUSE_IMAGE}: {images:?}"
@@ -270,15 +271,18 @@ impl Containerd {
             ..Default::default()
         };
         let started = Instant::now();
-        let id = self
-            .cri()
-            .run_pod_sandbox(config)
-            .unwrap_or_else(|e| panic!("{}\ncontainerd log:\n{}", chain(&e), tail(&self.log_text(), 40)));
+        let id = self.cri().run_pod_sandbox(config).unwrap_or_else(|e| {
+            panic!(
+                "{}\ncontainerd log:\n{}",
+                error_chain(&e),
+                tail(&self.log_text(), 40)
+            )
+        });
         let took = started.elapsed();
         let status = self
             .cri()
             .pod_sandbox_status(&id)
-            .unwrap_or_else(|e| panic!("{}", chain(&e)));
+            .unwrap_or_else(|e| panic!("{}", error_chain(&e)));
         let netns = netns_path(&status);
         self.netns.borrow_mut().push(netns.clone());
         let ip = status
@@ -334,14 +338,14 @@ impl Drop for Containerd {
                 Ok(items) => {
                     for s in items {
                         if let Err(e) = cri.stop_pod_sandbox(&s.id) {
-                            eprintln!("cleanup: StopPodSandbox {}: {}", s.id, chain(&e));
+                            eprintln!("cleanup: StopPodSandbox {}: {}", s.id, error_chain(&e));
                         }
                         if let Err(e) = cri.remove_pod_sandbox(&s.id) {
-                            eprintln!("cleanup: RemovePodSandbox {}: {}", s.id, chain(&e));
+                            eprintln!("cleanup: RemovePodSandbox {}: {}", s.id, error_chain(&e));
                         }
                     }
                 }
-                Err(e) => eprintln!("cleanup: ListPodSandbox: {}", chain(&e)),
+                Err(e) => eprintln!("cleanup: ListPodSandbox: {}", error_chain(&e)),
             }
         }
         self.cri = None;
@@ -408,7 +412,7 @@ impl CriPod<'_> {
         self.ctd
             .cri()
             .stop_pod_sandbox(&self.id)
-            .unwrap_or_else(|e| panic!("{}\n{}", chain(&e), tail(&self.ctd.log_text(), 40)));
+            .unwrap_or_else(|e| panic!("{}\n{}", error_chain(&e), tail(&self.ctd.log_text(), 40)));
         self.stopped = true;
     }
 
@@ -417,7 +421,7 @@ impl CriPod<'_> {
         self.ctd
             .cri()
             .remove_pod_sandbox(&self.id)
-            .unwrap_or_else(|e| panic!("{}\n{}", chain(&e), tail(&self.ctd.log_text(), 40)));
+            .unwrap_or_else(|e| panic!("{}\n{}", error_chain(&e), tail(&self.ctd.log_text(), 40)));
         self.removed = true;
     }
 }
@@ -436,13 +440,13 @@ impl Drop for CriPod<'_> {
         if !self.stopped
             && let Err(e) = cri.stop_pod_sandbox(&self.id)
         {
-            eprintln!("cleanup: StopPodSandbox {}: {}", self.id, chain(&e));
+            eprintln!("cleanup: StopPodSandbox {}: {}", self.id, error_chain(&e));
             failed = true;
         }
         if !self.removed
             && let Err(e) = cri.remove_pod_sandbox(&self.id)
         {
-            eprintln!("cleanup: RemovePodSandbox {}: {}", self.id, chain(&e));
+            eprintln!("cleanup: RemovePodSandbox {}: {}", self.id, error_chain(&e));
             failed = true;
         }
         if failed {
@@ -727,17 +731,6 @@ fn pod_uid(name: &str) -> String {
         b >> 52,
         b & 0xffff_ffff_ffff
     )
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 fn tail(text: &str, n: usize) -> String {

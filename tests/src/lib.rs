@@ -1,7 +1,9 @@
 //! The privileged test kit: uniquely named network namespaces, cgroups, bpf
 //! roots and helper processes, each removed by name when its guard drops
 //! (also when a test panics). Root is required; tests say so and fail when
-//! it is missing rather than pass without testing.
+//! it is missing rather than pass without testing (`root.rs`: the privileged
+//! tests of the other crates skip visibly instead). The workspace binaries a
+//! test runs are built when missing or stale (`bins.rs`).
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -16,12 +18,17 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod bins;
 pub mod cni;
 #[cfg(feature = "cri")]
 pub mod cri;
 pub mod fixtures;
 pub mod node;
+mod root;
 pub mod script;
+
+pub use bins::sibling_bin;
+pub use root::{privileged, require_root};
 
 use meshbypass_ebpf::{Counter, Mode, NodeMaps, PodEntry, counters::Counters};
 
@@ -32,14 +39,6 @@ static SEQ: AtomicU32 = AtomicU32::new(0);
 pub fn unique(tag: &str) -> String {
     let n = SEQ.fetch_add(1, Ordering::SeqCst);
     format!("mbt{}{}{tag}", std::process::id() % 100_000, n)
-}
-
-/// Panics unless running as root: these tests need netns, cgroups and bpf.
-pub fn require_root() {
-    assert!(
-        nix::unistd::Uid::effective().is_root(),
-        "privileged tests need root (run scripts/test.sh as root)"
-    );
 }
 
 /// Runs a command, panicking with its output when it fails.
@@ -286,44 +285,6 @@ impl Drop for BpfRoot {
             eprintln!("cleanup {}: {e}", self.path.display());
         }
     }
-}
-
-/// The path of a binary built beside the test executable (or beside the
-/// demo and benchmarks, which use this kit).
-/// (Test executables live in `target/<profile>/deps`, binaries in
-/// `target/<profile>`.)
-pub fn sibling_bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    let dir = exe.parent().expect("exe dir");
-    let profile_dir = if dir.ends_with("deps") {
-        dir.parent().unwrap_or(dir)
-    } else {
-        dir
-    };
-    let candidates = [dir.join(name), profile_dir.join(name)];
-    candidates
-        .iter()
-        .find(|p| p.is_file())
-        .cloned()
-        .unwrap_or_else(|| {
-            let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
-                Some("debug") => String::new(),
-                Some("release") => " --release".into(),
-                Some(other) => format!(" --profile {other}"),
-                None => String::new(),
-            };
-            let package = match name {
-                "meshbypass" => "-p meshbypass-cni",
-                "meshbypass-node" => "-p meshbypass-node",
-                "mb-peer" => "-p meshbypass-tests",
-                _ => "--workspace",
-            };
-            panic!(
-                "{name} is missing beside {}: build it first (cargo build{profile} {package}; \
-                 scripts/demo.sh and scripts/test.sh build everything they run)",
-                exe.display()
-            )
-        })
 }
 
 /// A running `mb-peer`, killed by PID on drop.

@@ -8,6 +8,7 @@ use std::{
     time::Duration,
 };
 
+use meshbypass_ebpf::Counter;
 use serde_json::{Value, json};
 
 use crate::{KubeCgroup, Netns, Peer, cni::*, require_root, sibling_bin, unique, wait_for};
@@ -243,6 +244,16 @@ impl SimPod {
         self.ns.exec(&["iptables-save", "-t", "nat"])
     }
 
+    /// The pod's nat table holds our redirect: the OUTPUT jump, and both of Istio's proxy ports.
+    pub fn assert_redirected(&self) {
+        let rules = self.rules();
+        assert!(rules.contains("-A OUTPUT -p tcp -j MESHBYPASS_OUTPUT"), "{rules}");
+        assert!(
+            rules.contains("--to-ports 15006") && rules.contains("--to-ports 15001"),
+            "{rules}"
+        );
+    }
+
     /// Runs `program args` inside the pod (cgroup, then netns), as `uid`.
     pub fn spawn(&self, uid: Option<u32>, program: &str, args: &[&str]) -> Peer {
         let mut v = vec!["--", program];
@@ -258,6 +269,55 @@ impl SimPod {
             || self.ns.exec(&["ss", "-Hltn"]).contains(&format!(":{port} ")),
         );
     }
+}
+
+/// HTTP through both sidecars, as in a mesh: the app (Python's `http.server` on 8080) and its
+/// sidecar (15006) in `server`, a sidecar (15001) and curl in `client`, 3 runs of 20 requests.
+/// Every request gets 200, each sidecar is crossed, and the bypass pairs the two sidecars'
+/// sockets (a NAT pair) and redirects their messages. Everything started here is stopped.
+pub fn http_through_sidecars(node: &SimNode, server: &SimPod, client: &SimPod) {
+    let srv_ip = server.ip();
+    let before = node.counters();
+    let _app = server.spawn(
+        None,
+        "/usr/bin/python3",
+        &["-m", "http.server", "8080", "--bind", "0.0.0.0"],
+    );
+    server.wait_listen(8080);
+    let sidecar_s = Sidecar::start(server, 15006, "127.0.0.1:8080", false);
+    let sidecar_c = Sidecar::start(client, 15001, &format!("{srv_ip}:8080"), false);
+    let url = format!("http://{srv_ip}:8080/");
+    let mut args = vec![
+        "-sS",
+        "--max-time",
+        "10",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}\\n",
+    ];
+    args.extend(vec![url.as_str(); 20]);
+    for _ in 0..3 {
+        let (ok, lines) = client
+            .spawn(None, "curl", &args)
+            .finish_lines(Duration::from_secs(60));
+        assert!(ok, "curl failed: {lines:?}");
+        assert_eq!(lines.iter().filter(|l| *l == "200").count(), 20, "{lines:?}");
+    }
+    let after = node.counters();
+    eprintln!("through both sidecars: {after:?}");
+    assert!(
+        sidecar_c.sessions() >= 3 && sidecar_s.sessions() >= 3,
+        "the requests did not cross the sidecars"
+    );
+    assert!(
+        after.get(Counter::PairsNat) > before.get(Counter::PairsNat),
+        "{after:?}"
+    );
+    assert!(
+        after.get(Counter::RedirectedMsgs) > before.get(Counter::RedirectedMsgs),
+        "sidecar-to-sidecar messages were not redirected: {after:?}"
+    );
 }
 
 /// An HAProxy sidecar standing in for Envoy: listens on `bind`, forwards to

@@ -8,7 +8,6 @@
 
 use std::{sync::Mutex, time::Duration};
 
-use meshbypass_ebpf::Counter;
 use meshbypass_tests::{cni::Attachment, node::*, *};
 
 static NODE: Mutex<()> = Mutex::new(());
@@ -33,12 +32,7 @@ fn meshed_pods_through_the_conflist() {
         );
     }
     for pod in [&server, &client] {
-        let rules = pod.rules();
-        assert!(rules.contains("-A OUTPUT -p tcp -j MESHBYPASS_OUTPUT"), "{rules}");
-        assert!(
-            rules.contains("--to-ports 15006") && rules.contains("--to-ports 15001"),
-            "{rules}"
-        );
+        pod.assert_redirected();
         assert!(node.bpf_root.join("links").join(&pod.att.container_id).exists());
         node.rt
             .check(&pod.att, pod.result.as_ref().unwrap())
@@ -46,49 +40,7 @@ fn meshed_pods_through_the_conflist() {
     }
     assert_eq!(node.node().pods().len(), 2);
 
-    // The app and its sidecar in the server pod, the sidecar in the client pod.
-    let app = server.spawn(
-        None,
-        "/usr/bin/python3",
-        &["-m", "http.server", "8080", "--bind", "0.0.0.0"],
-    );
-    server.wait_listen(8080);
-    let sidecar_s = Sidecar::start(&server, 15006, "127.0.0.1:8080", false);
-    let sidecar_c = Sidecar::start(&client, 15001, &format!("{}:8080", server.ip()), false);
-    let before = node.counters();
-    let url = format!("http://{}:8080/", server.ip());
-    let mut args = vec![
-        "-sS",
-        "--max-time",
-        "10",
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{http_code}\\n",
-    ];
-    args.extend(vec![url.as_str(); 20]);
-    for _ in 0..3 {
-        let (ok, lines) = client
-            .spawn(None, "curl", &args)
-            .finish_lines(Duration::from_secs(60));
-        assert!(ok, "curl failed: {lines:?}");
-        assert_eq!(lines.iter().filter(|l| *l == "200").count(), 20, "{lines:?}");
-    }
-    let after = node.counters();
-    eprintln!("through both sidecars: {after:?}");
-    assert!(
-        sidecar_c.sessions() >= 3 && sidecar_s.sessions() >= 3,
-        "the requests did not cross the sidecars"
-    );
-    assert!(
-        after.get(Counter::PairsNat) > before.get(Counter::PairsNat),
-        "{after:?}"
-    );
-    assert!(
-        after.get(Counter::RedirectedMsgs) > before.get(Counter::RedirectedMsgs),
-        "sidecar-to-sidecar messages were not redirected: {after:?}"
-    );
-    drop((app, sidecar_s, sidecar_c));
+    http_through_sidecars(&node, &server, &client);
 
     // CHECK notices a missing link.
     let link = node.bpf_root.join("links").join(&server.att.container_id);

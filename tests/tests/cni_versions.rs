@@ -201,7 +201,12 @@ fn assert_meshed(node: &SimNode, pod: &SimPod) {
         .unwrap_or_else(|| panic!("{} is not registered", pod.att.name));
     assert_eq!(reg.ips, vec![ip.parse::<std::net::IpAddr>().unwrap()]);
     assert_eq!(
-        (reg.outbound_port, reg.inbound_port, reg.proxy_uid, reg.mode),
+        (
+            reg.outbound_port,
+            reg.inbound_port,
+            reg.proxy_uid,
+            reg.mode.as_str()
+        ),
         (15001, 15006, Some(1337), "auto")
     );
 }

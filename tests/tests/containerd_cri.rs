@@ -25,7 +25,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use meshbypass_ebpf::Counter;
 use meshbypass_tests::{cri::Containerd, node::*, *};
 
 /// The simulated node's guard for the conflist's fixed resources, after
@@ -85,12 +84,7 @@ fn run_pods_through_cri(node: &SimNode, conflist: &Path) {
     // attached to the pod cgroup (found by K8S_POD_UID), the pod registered,
     // a state record per sandbox.
     for pod in [&server, &client] {
-        let rules = pod.rules();
-        assert!(rules.contains("-A OUTPUT -p tcp -j MESHBYPASS_OUTPUT"), "{rules}");
-        assert!(
-            rules.contains("--to-ports 15006") && rules.contains("--to-ports 15001"),
-            "{rules}"
-        );
+        pod.assert_redirected();
         let link = node.bpf_root.join("links").join(&pod.id);
         assert!(link.exists(), "no link pin {}", link.display());
         let record = node.state_dir.join(format!("{}.json", pod.id));
@@ -129,50 +123,7 @@ fn run_pods_through_cri(node: &SimNode, conflist: &Path) {
         );
     }
 
-    // The app and its sidecar in the server pod, the sidecar in the client
-    // pod, curl in the client pod: HTTP through both sidecars.
-    let (srv_ip, before) = (server.ip(), node.counters());
-    let app = server.spawn(
-        None,
-        "/usr/bin/python3",
-        &["-m", "http.server", "8080", "--bind", "0.0.0.0"],
-    );
-    server.wait_listen(8080);
-    let sidecar_s = Sidecar::start(&server, 15006, "127.0.0.1:8080", false);
-    let sidecar_c = Sidecar::start(&client, 15001, &format!("{srv_ip}:8080"), false);
-    let url = format!("http://{srv_ip}:8080/");
-    let mut args = vec![
-        "-sS",
-        "--max-time",
-        "10",
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{http_code}\\n",
-    ];
-    args.extend(vec![url.as_str(); 20]);
-    for _ in 0..3 {
-        let (ok, lines) = client
-            .spawn(None, "curl", &args)
-            .finish_lines(Duration::from_secs(60));
-        assert!(ok, "curl failed: {lines:?}");
-        assert_eq!(lines.iter().filter(|l| *l == "200").count(), 20, "{lines:?}");
-    }
-    let after = node.counters();
-    eprintln!("through both sidecars: {after:?}");
-    assert!(
-        sidecar_c.sessions() >= 3 && sidecar_s.sessions() >= 3,
-        "the requests did not cross the sidecars"
-    );
-    assert!(
-        after.get(Counter::PairsNat) > before.get(Counter::PairsNat),
-        "{after:?}"
-    );
-    assert!(
-        after.get(Counter::RedirectedMsgs) > before.get(Counter::RedirectedMsgs),
-        "sidecar-to-sidecar messages were not redirected: {after:?}"
-    );
-    drop((app, sidecar_s, sidecar_c));
+    http_through_sidecars(node, &server, &client);
 
     // StopPodSandbox (CNI DEL, netns removed) and RemovePodSandbox leave
     // nothing: no link, no registration, no state record, no netns.

@@ -4,8 +4,8 @@
 use meshbypass_ebpf::NodeMaps;
 
 use crate::{
-    config::Config,
-    env::Env,
+    config::NetConf,
+    env::Attachment,
     error::CniError,
     policy::{self, Decision},
     prev, redirect,
@@ -19,11 +19,7 @@ fn missing(what: String) -> CniError {
     }
 }
 
-pub fn run(env: &Env, config: &Config) -> Result<(), CniError> {
-    let att = env.attachment.as_ref().ok_or(CniError::InvalidConfig {
-        problem: "CHECK without an attachment",
-        fix: "set CNI_CONTAINERID, CNI_NETNS and CNI_IFNAME",
-    })?;
+pub fn run(att: &Attachment, config: &NetConf) -> Result<(), CniError> {
     let prev_result = config.prev_result.as_ref().ok_or(CniError::InvalidConfig {
         problem: "prevResult is missing",
         fix: "CHECK needs the result of ADD as prevResult",
@@ -89,7 +85,7 @@ pub fn run(env: &Env, config: &Config) -> Result<(), CniError> {
         || pod.outbound_port != redirect.outbound_port
         || pod.inbound_port != redirect.inbound_port
         || pod.proxy_uid != Some(redirect.proxy_uid)
-        || Some(pod.mode) != state.mode.as_deref()
+        || Some(pod.mode) != state.mode
     {
         return Err(missing(format!(
             "the registered pod differs from the configuration: {pod:?}"

@@ -8,13 +8,9 @@ use log::{info, warn};
 use meshbypass_ebpf::netns;
 
 use super::exists;
-use crate::{bypass, config::Config, env::Env, error::CniError, redirect, state::StateDir};
+use crate::{bypass, config::NetConf, env::Attachment, error::CniError, redirect, state::StateDir};
 
-pub fn run(env: &Env, config: &Config) -> Result<(), CniError> {
-    let att = env.attachment.as_ref().ok_or(CniError::InvalidConfig {
-        problem: "DEL without an attachment",
-        fix: "set CNI_CONTAINERID and CNI_IFNAME",
-    })?;
+pub fn run(att: &Attachment, config: &NetConf) -> Result<(), CniError> {
     let states = StateDir::new(&config.state_dir);
     let state = match states.load(&att.container_id) {
         Ok(s) => s,

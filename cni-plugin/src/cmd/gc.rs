@@ -7,9 +7,9 @@ use log::{info, warn};
 use meshbypass_ebpf::{NodeMaps, maps::OpenError};
 
 use super::exists;
-use crate::{bypass, config::Config, error::CniError, redirect, state::StateDir};
+use crate::{bypass, config::NetConf, error::CniError, redirect, state::StateDir};
 
-pub fn run(config: &Config) -> Result<(), CniError> {
+pub fn run(config: &NetConf) -> Result<(), CniError> {
     let valid = config.valid_attachments.as_ref().ok_or(CniError::InvalidConfig {
         problem: "GC without cni.dev/valid-attachments",
         fix: "the runtime must pass the list of attachments to keep",

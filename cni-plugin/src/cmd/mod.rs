@@ -12,7 +12,7 @@ use log::{error, info};
 
 use crate::{
     caps,
-    config::Config,
+    config::NetConf,
     env::{Command, Env, EnvSource},
     error::CniError,
     journal::Journal,
@@ -59,7 +59,7 @@ fn dispatch(source: &impl EnvSource, stdin: &[u8], journal: &mut Journal) -> Res
     if env.command == Command::Version {
         return Ok(version_reply(stdin));
     }
-    let config = Config::parse(stdin)?;
+    let config = NetConf::parse(stdin)?;
     journal.begin(&env, &config);
     let tag = match &env.attachment {
         Some(a) => format!("{} {}", env.command.as_str(), a.container_id.as_str()),
@@ -80,10 +80,17 @@ fn dispatch(source: &impl EnvSource, stdin: &[u8], journal: &mut Journal) -> Res
         // Before anything is touched: no half-configured pod for want of a capability.
         caps::require()?;
     }
+    // Env::read gives ADD, DEL and CHECK their attachment.
+    let att = || {
+        env.attachment.as_ref().ok_or(CniError::InvalidConfig {
+            problem: "ADD, DEL and CHECK need an attachment",
+            fix: "set CNI_CONTAINERID, CNI_NETNS and CNI_IFNAME",
+        })
+    };
     match env.command {
-        Command::Add => add::run(&env, &config),
-        Command::Del => del::run(&env, &config).map(|()| String::new()),
-        Command::Check => check::run(&env, &config).map(|()| String::new()),
+        Command::Add => add::run(att()?, &config),
+        Command::Del => del::run(att()?, &config).map(|()| String::new()),
+        Command::Check => check::run(att()?, &config).map(|()| String::new()),
         Command::Status => status::run(&config).map(|()| String::new()),
         Command::Gc => gc::run(&config).map(|()| String::new()),
         Command::Version => unreachable!("handled above"),

@@ -6,11 +6,11 @@ use meshbypass_ebpf::{NodeMaps, bpffs, maps::OpenError};
 
 use crate::{
     cgroup,
-    config::{Config, Mode},
+    config::{Mode, NetConf},
     error::CniError,
 };
 
-pub fn run(config: &Config) -> Result<(), CniError> {
+pub fn run(config: &NetConf) -> Result<(), CniError> {
     if !on_path("iptables-restore") {
         return Err(CniError::NotAvailable {
             reason: "iptables-restore is not installed on the node",

@@ -174,7 +174,14 @@ pub fn load_with(root: &Path, options: &LoadOptions) -> Result<(NodeMaps, LoadOu
         // No stamp, or a creator died before writing it: start over.
         _ => {
             remove_pins(&pins)?;
-            create(&pins, options)?;
+            if let Err(e) = create(&pins, options) {
+                // Nothing half-made stays pinned (a verifier refusal, a full
+                // bpffs): the next load starts from nothing as well.
+                if let Err(cleanup) = remove_pins(&pins) {
+                    log::warn!("after a failed load, {cleanup}");
+                }
+                return Err(e);
+            }
             LoadOutcome::Created
         }
     };

@@ -36,7 +36,7 @@ pub struct Root {
 impl Root {
     pub fn load() -> Self {
         let path = PathBuf::from("/sys/fs/bpf").join(unique("tor"));
-        let (node, _) = meshbypass_ebpf::load(&path).expect("load the programs");
+        let (node, _) = crate::load_or_clean(&path, &meshbypass_ebpf::LoadOptions::default());
         Self {
             path,
             node: Mutex::new(Some(node)),

@@ -194,6 +194,20 @@ pub fn remove_cgroup_dir(dir: &Path) {
     }
 }
 
+/// Loads the programs under the private root `path`; when that fails,
+/// removes what the attempt left there, then panics with why.
+pub fn load_or_clean(
+    path: &Path,
+    options: &meshbypass_ebpf::LoadOptions,
+) -> (meshbypass_ebpf::NodeMaps, meshbypass_ebpf::LoadOutcome) {
+    meshbypass_ebpf::load_with(path, options).unwrap_or_else(|e| {
+        if let Err(cleanup) = meshbypass_ebpf::unload(path) {
+            eprintln!("cleanup {}: {cleanup}", path.display());
+        }
+        panic!("load the programs at {}: {e:?}", path.display())
+    })
+}
+
 /// A private bpf root with the programs loaded; unloaded on drop.
 pub struct BpfRoot {
     pub path: PathBuf,
@@ -208,7 +222,7 @@ impl BpfRoot {
     /// [`BpfRoot::load`] with programs loaded with `options`.
     pub fn load_with(options: &meshbypass_ebpf::LoadOptions) -> Self {
         let path = PathBuf::from("/sys/fs/bpf").join(unique("root"));
-        let (node, _) = meshbypass_ebpf::load_with(&path, options).expect("load the programs");
+        let (node, _) = load_or_clean(&path, options);
         Self {
             path,
             node: Mutex::new(node),

@@ -245,3 +245,36 @@ fn a_load_by_another_build_replaces_the_programs_under_running_pods() {
     assert_eq!(outcome, LoadOutcome::Reused);
     assert_eq!(ids(&root), (ops1, msg1));
 }
+
+/// A load that fails halfway (here: socket maps too large to create, after
+/// other maps were already pinned) leaves no pin behind, and the next load
+/// with sane sizes creates the node from nothing.
+#[test]
+fn a_failed_load_leaves_no_pin() {
+    require_root();
+    let root = new_root();
+    let path = PathBuf::from(&root.0);
+    let huge = meshbypass_ebpf::LoadOptions {
+        socket_capacity: u32::MAX / 2,
+        ..Default::default()
+    };
+    let err = meshbypass_ebpf::load_with(&path, &huge)
+        .err()
+        .expect("maps of 2^31 sockets cannot be created");
+    let left: Vec<PathBuf> = walk(&path).into_iter().filter(|p| p.is_file()).collect();
+    assert!(left.is_empty(), "{err}: pins left behind: {left:?}");
+    let (_, outcome) = meshbypass_ebpf::load(&path).expect("a sane load after the failed one");
+    assert_eq!(outcome, meshbypass_ebpf::LoadOutcome::Created);
+}
+
+fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = entry.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        }
+        out.push(p);
+    }
+    out
+}

@@ -277,26 +277,26 @@ static __always_inline void release(struct mb_sk_state *st)
 		__sync_fetch_and_add(&u->count, -1);
 }
 
-/* Membership: rx first, then tx (a socket may sit in both; rx carries no
- * program). Returns 0 when a map is full or the pod at its budget; the
+/* Membership: targets first, then senders (a socket may sit in both;
+ * mb_targets carries no program). Returns 0 when a map is full or the pod at its budget; the
  * socket is then in neither. */
-static __always_inline int join_maps(struct bpf_sock_ops *skops, struct mb_sk_state *st, __u32 rx, __u32 tx)
+static __always_inline int join_maps(struct bpf_sock_ops *skops, struct mb_sk_state *st, __u32 target, __u32 sender)
 {
 	if (!reserve(st))
 		return 0;
-	if (rx) {
-		if (bpf_sock_hash_update(skops, &mb_rx, &st->self, BPF_ANY)) {
+	if (target) {
+		if (bpf_sock_hash_update(skops, &mb_targets, &st->self, BPF_ANY)) {
 			count(MB_CTR_MAP_FULL, 1);
 			release(st);
 			return 0;
 		}
-		st->flags |= MB_SK_IN_RX;
+		st->flags |= MB_SK_IN_TARGETS;
 	}
-	if (tx && bpf_sock_hash_update(skops, &mb_tx, &st->self, BPF_ANY)) {
+	if (sender && bpf_sock_hash_update(skops, &mb_senders, &st->self, BPF_ANY)) {
 		count(MB_CTR_MAP_FULL, 1);
-		if (rx)
-			bpf_map_delete_elem(&mb_rx, &st->self);
-		st->flags &= ~MB_SK_IN_RX;
+		if (target)
+			bpf_map_delete_elem(&mb_targets, &st->self);
+		st->flags &= ~MB_SK_IN_TARGETS;
 		release(st);
 		return 0;
 	}
@@ -305,9 +305,9 @@ static __always_inline int join_maps(struct bpf_sock_ops *skops, struct mb_sk_st
 
 static __always_inline void leave_maps(struct mb_sk_state *st)
 {
-	bpf_map_delete_elem(&mb_tx, &st->self);
-	bpf_map_delete_elem(&mb_rx, &st->self);
-	st->flags &= ~MB_SK_IN_RX;
+	bpf_map_delete_elem(&mb_senders, &st->self);
+	bpf_map_delete_elem(&mb_targets, &st->self);
+	st->flags &= ~MB_SK_IN_TARGETS;
 	release(st);
 }
 
@@ -324,8 +324,8 @@ static __always_inline long write_pair(const struct mb_sock_key *from, const str
 /* What one end knows of itself when it establishes (see on_established). */
 struct mb_end {
 	__u32 active;
-	__u32 can_rx;
-	__u32 can_tx;
+	__u32 can_receive;
+	__u32 can_send;
 	__u32 proxy;
 	__u32 admitted; /* an app socket `adaptive` admitted */
 	__u32 ports; /* MB_EP_OUTBOUND_PORT | MB_EP_INBOUND_PORT */
@@ -370,10 +370,10 @@ static __always_inline void join(struct bpf_sock_ops *skops, struct mb_sk_state 
 				 const struct mb_endpoint_key *ek)
 {
 	const struct mb_sock_key *a, *p;
-	__u32 first_can_rx = first->flags & MB_EP_CAN_RX;
-	__u32 first_can_tx = first->flags & MB_EP_CAN_TX;
+	__u32 first_can_receive = first->flags & MB_EP_TARGET;
+	__u32 first_can_send = first->flags & MB_EP_SENDER;
 	__u32 first_proxy = first->flags & MB_EP_PROXY;
-	__u32 p_ports, plain, consistent, self_tx, self_rx, first_tx, first_rx, flags;
+	__u32 p_ports, plain, consistent, self_sends, self_receives, first_sends, first_receives, flags;
 	__u64 a_dest;
 
 	if (self->active) {
@@ -401,26 +401,26 @@ static __always_inline void join(struct bpf_sock_ops *skops, struct mb_sk_state 
 	}
 
 	/* What each end needs now that both are known. */
-	self_tx = self->can_tx && first_can_rx;
-	self_rx = self->can_rx && first_can_tx;
-	first_tx = first_can_tx && self->can_rx;
-	first_rx = first_can_rx && self->can_tx;
+	self_sends = self->can_send && first_can_receive;
+	self_receives = self->can_receive && first_can_send;
+	first_sends = first_can_send && self->can_receive;
+	first_receives = first_can_receive && self->can_send;
 	flags = plain ? 0 : MB_PAIR_NAT;
 
-	if ((self_tx || self_rx) && !join_maps(skops, st, self_rx, self_tx))
+	if ((self_sends || self_receives) && !join_maps(skops, st, self_receives, self_sends))
 		return; /* full: the first end keeps waiting, both on the stack */
-	if (self_tx && write_pair(&st->self, &first->key, flags | (first_proxy ? MB_PAIR_PEER_PROXY : 0))) {
+	if (self_sends && write_pair(&st->self, &first->key, flags | (first_proxy ? MB_PAIR_PEER_PROXY : 0))) {
 		count(MB_CTR_MAP_FULL, 1);
 		leave_maps(st);
 		return;
 	}
-	if (first_tx) {
+	if (first_sends) {
 		long err = write_pair(&first->key, &st->self, flags | (self->proxy ? MB_PAIR_PEER_PROXY : 0));
 
 		if (err) {
 			/* -EEXIST: another joiner wrote it; theirs, not ours to take back. */
 			count(err == -MB_EEXIST ? MB_CTR_PAIRS_REFUSED : MB_CTR_MAP_FULL, 1);
-			if (self_tx)
+			if (self_sends)
 				bpf_map_delete_elem(&mb_pairs, &st->self);
 			leave_maps(st);
 			return;
@@ -428,19 +428,19 @@ static __always_inline void join(struct bpf_sock_ops *skops, struct mb_sk_state 
 	}
 	if (bpf_map_delete_elem(&mb_endpoints, ek)) {
 		/* Claimed by another joiner, or the first end closed. */
-		if (self_tx)
+		if (self_sends)
 			bpf_map_delete_elem(&mb_pairs, &st->self);
-		if (first_tx)
+		if (first_sends)
 			bpf_map_delete_elem(&mb_pairs, &first->key);
 		leave_maps(st);
 		count(MB_CTR_PAIRS_REFUSED, 1);
 		return;
 	}
-	if (!first_tx)
-		bpf_map_delete_elem(&mb_tx, &first->key);
-	if (!first_rx)
-		bpf_map_delete_elem(&mb_rx, &first->key);
-	if (!self_tx && !self_rx)
+	if (!first_sends)
+		bpf_map_delete_elem(&mb_senders, &first->key);
+	if (!first_receives)
+		bpf_map_delete_elem(&mb_targets, &first->key);
+	if (!self_sends && !self_receives)
 		return; /* nothing to redirect either way: the pair stays on the stack */
 	st->flags |= MB_SK_TRACKED | (self->proxy ? MB_SK_PROXY : 0);
 	track(skops, st, self);
@@ -546,9 +546,9 @@ static __always_inline void on_established(struct bpf_sock_ops *skops, int activ
 	 * (as redirect targets only where FIONREAD counts redirected bytes),
 	 * and as senders in proxy-only where being a member is harmless here. */
 	apps_tracked = mode == MB_MODE_ALL || (kflags & MB_KERNEL_SAFE_MEMBER);
-	self.can_rx = mode == MB_MODE_ALL || self.proxy ||
+	self.can_receive = mode == MB_MODE_ALL || self.proxy ||
 		      (self.admitted && !(kflags & MB_KERNEL_HAZARD_FIONREAD));
-	self.can_tx = mode == MB_MODE_ALL || self.proxy || self.admitted || (kflags & MB_KERNEL_SAFE_MEMBER);
+	self.can_send = mode == MB_MODE_ALL || self.proxy || self.admitted || (kflags & MB_KERNEL_SAFE_MEMBER);
 
 	/* Sockets that cannot have a tracked peer stay out entirely. */
 	if (!self.proxy && !apps_tracked && !self.admitted)
@@ -590,7 +590,7 @@ static __always_inline void on_established(struct bpf_sock_ops *skops, int activ
 	}
 	ev.key = st->self;
 	ev.dest_netns = self.dest_netns;
-	ev.flags |= (self.can_rx ? MB_EP_CAN_RX : 0) | (self.can_tx ? MB_EP_CAN_TX : 0) | self.ports |
+	ev.flags |= (self.can_receive ? MB_EP_TARGET : 0) | (self.can_send ? MB_EP_SENDER : 0) | self.ports |
 		    (self.proxy ? MB_EP_PROXY : 0);
 
 	other = bpf_map_lookup_elem(&mb_endpoints, &ek);
@@ -602,7 +602,7 @@ static __always_inline void on_established(struct bpf_sock_ops *skops, int activ
 		if (!active)
 			return;
 		/* First end: wait, in the maps our own class allows. */
-		if (!join_maps(skops, st, self.can_rx, self.can_tx))
+		if (!join_maps(skops, st, self.can_receive, self.can_send))
 			return;
 		long err = bpf_map_update_elem(&mb_endpoints, &ek, &ev, BPF_NOEXIST);
 
@@ -656,7 +656,7 @@ static __always_inline void on_close(struct bpf_sock_ops *skops)
 	bpf_map_delete_elem(&mb_pairs, &st->self);
 	st->flags &= ~(MB_SK_TRACKED | MB_SK_EP_OWNER);
 	release(st);
-	/* The kernel removes the socket from mb_tx and mb_rx itself. */
+	/* The kernel removes the socket from mb_senders and mb_targets itself. */
 }
 
 /* listen(): `adaptive` notes whether the listener's file is non-blocking,
@@ -708,13 +708,13 @@ static __always_inline void on_packet(struct bpf_sock_ops *skops)
 	st = bpf_sk_storage_get(&mb_sk_state, sk, 0, 0);
 	if (!st || !(st->flags & MB_SK_EVICT))
 		return;
-	if (st->flags & MB_SK_IN_RX) {
-		bpf_map_delete_elem(&mb_rx, &st->self);
-		st->flags &= ~MB_SK_IN_RX;
+	if (st->flags & MB_SK_IN_TARGETS) {
+		bpf_map_delete_elem(&mb_targets, &st->self);
+		st->flags &= ~MB_SK_IN_TARGETS;
 	}
 	if ((mb_adaptive_checks & MB_ADAPTIVE_DRAINED) && unread_redirected(sk) != 0)
 		return;
-	bpf_map_delete_elem(&mb_tx, &st->self);
+	bpf_map_delete_elem(&mb_senders, &st->self);
 	st->flags &= ~(MB_SK_EVICT | MB_SK_ADAPTIVE);
 	release(st);
 	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags & ~BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG);
@@ -840,22 +840,22 @@ const volatile __u32 mb_drain_checks = MB_DRAIN_SENDER_ACKED | MB_DRAIN_RECEIVER
  */
 static __always_inline int may_resume(struct bpf_sock *sk, struct mb_sk_state *st)
 {
-	struct tcp_sock___mb *tx = (void *)bpf_skc_to_tcp_sock(sk);
-	struct tcp_sock___mb *rx = (void *)st->target;
+	struct tcp_sock___mb *snd = (void *)bpf_skc_to_tcp_sock(sk);
+	struct tcp_sock___mb *rcv = (void *)st->target;
 	struct sock___mb *rxsk = (void *)st->target;
 	__u32 una = 1, wseq = 0, copied = 1, nxt = 0;
 	int lowat = 2;
 
-	if (!tx || !rx)
+	if (!snd || !rcv)
 		return 0;
-	if (bpf_core_read(&una, sizeof(una), &tx->snd_una) ||
-	    bpf_core_read(&wseq, sizeof(wseq), &tx->write_seq))
+	if (bpf_core_read(&una, sizeof(una), &snd->snd_una) ||
+	    bpf_core_read(&wseq, sizeof(wseq), &snd->write_seq))
 		return 0;
 	if ((mb_drain_checks & MB_DRAIN_SENDER_ACKED) && una != wseq)
 		return 0;
 	/* copied_seq first: it only grows towards rcv_nxt. */
-	if (bpf_core_read(&copied, sizeof(copied), &rx->copied_seq) ||
-	    bpf_core_read(&nxt, sizeof(nxt), &rx->rcv_nxt))
+	if (bpf_core_read(&copied, sizeof(copied), &rcv->copied_seq) ||
+	    bpf_core_read(&nxt, sizeof(nxt), &rcv->rcv_nxt))
 		return 0;
 	if ((mb_drain_checks & MB_DRAIN_RECEIVER_READ) && copied != nxt)
 		return 0;
@@ -939,7 +939,7 @@ int mb_sk_msg(struct sk_msg_md *msg)
 	}
 
 	if (st->flags & MB_SK_PEER_KNOWN) {
-		if (bpf_msg_redirect_hash(msg, &mb_rx, &st->peer, BPF_F_INGRESS) == SK_PASS)
+		if (bpf_msg_redirect_hash(msg, &mb_targets, &st->peer, BPF_F_INGRESS) == SK_PASS)
 			goto redirected;
 		count(MB_CTR_REDIRECT_FAILED, 1);
 		return pass(st, size);
@@ -947,10 +947,10 @@ int mb_sk_msg(struct sk_msg_md *msg)
 	pair = bpf_map_lookup_elem(&mb_pairs, &st->self);
 	if (!pair)
 		return pass(st, size);
-	/* bpf_msg_redirect_hash returns SK_DROP when the peer is not in mb_rx:
+	/* bpf_msg_redirect_hash returns SK_DROP when the peer is not in mb_targets:
 	 * then this message, and the direction, go through the stack. The key
 	 * carries the peer's socket cookie: only that very socket matches. */
-	if (bpf_msg_redirect_hash(msg, &mb_rx, &pair->peer, BPF_F_INGRESS) != SK_PASS) {
+	if (bpf_msg_redirect_hash(msg, &mb_targets, &pair->peer, BPF_F_INGRESS) != SK_PASS) {
 		count(MB_CTR_REDIRECT_FAILED, 1);
 		return pass(st, size);
 	}

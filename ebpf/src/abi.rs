@@ -41,7 +41,7 @@ pub const KERNEL_PROBED: u32 = header::MB_KERNEL_PROBED;
 /// `MB_KERNEL_SAFE_ALL`: the verdict says any socket may receive redirected data.
 pub const KERNEL_SAFE_ALL: u32 = header::MB_KERNEL_SAFE_ALL;
 /// `MB_KERNEL_SAFE_MEMBER`: the verdict says a socket that is only a map
-/// member behaves as on plain TCP (proxy-only may then put app sockets in tx).
+/// member behaves as on plain TCP (proxy-only may then put app sockets in mb_senders).
 pub const KERNEL_SAFE_MEMBER: u32 = header::MB_KERNEL_SAFE_MEMBER;
 
 /// `MB_PAIR_NAT`: the pair was made across an iptables REDIRECT.

@@ -108,7 +108,7 @@ pub struct LoadOptions {
     pub drain_checks: u32,
     /// `MB_ADAPTIVE_*`: the guards of `adaptive`.
     pub adaptive_checks: u32,
-    /// How many sockets the node's socket maps hold (`mb_tx`, `mb_rx`,
+    /// How many sockets the node's socket maps hold (`mb_senders`, `mb_targets`,
     /// `mb_endpoints`; `mb_pairs` twice that). Applies when the maps are
     /// created; an existing node keeps its maps (`unload` to resize).
     pub socket_capacity: u32,
@@ -156,7 +156,7 @@ pub fn load_with(root: &Path, options: &LoadOptions) -> Result<(NodeMaps, LoadOu
     let pins = Pins::new(root);
     let outcome = match read_stamp(&pins)? {
         Some(cfg) if cfg.layout_version == LAYOUT_VERSION && cfg.object_hash == object_hash() => {
-            // Reuse. Re-attaching sk_msg to mb_tx replaces it with itself.
+            // Reuse. Re-attaching sk_msg to mb_senders replaces it with itself.
             attach_sk_msg(&pins)?;
             LoadOutcome::Reused
         }
@@ -210,7 +210,7 @@ fn create(pins: &Pins, options: &LoadOptions) -> Result<(), LoadError> {
 
 /// Replaces the programs of a node loaded by another build with the same
 /// layout: new pins (renamed over the old ones, so a concurrent ADD sees
-/// one or the other), sk_msg re-attached to `mb_tx` (sockets joining from
+/// one or the other), sk_msg re-attached to `mb_senders` (sockets joining from
 /// now on), every pod's link pointed at the new sockops program, then the
 /// object hash recorded. A link that cannot be updated keeps the old
 /// program (same layout: it still works) and is logged.
@@ -311,7 +311,7 @@ fn open_pin(path: &Path) -> Result<std::os::fd::OwnedFd, OpenError> {
     })
 }
 
-/// Attaches the sk_msg program to the senders' map (`mb_tx`).
+/// Attaches the sk_msg program to the senders' map (`mb_senders`).
 fn attach_sk_msg(pins: &Pins) -> Result<(), LoadError> {
     let prog = open_pin(&pins.prog(pins::PROG_SK_MSG))?;
     let senders = open_pin(&pins.map(pins::MAP_SENDERS))?;

@@ -60,9 +60,9 @@ pub struct NodeMaps {
     pub(crate) pod_sockets: HashMap<MapData, u64, PodSockets>,
     pub(crate) config: Array<MapData, Config>,
     pub(crate) counters: PerCpuArray<MapData, CounterBlock>,
-    /// `mb_tx`: sockets whose sends may be redirected.
+    /// `mb_senders`: sockets whose sends may be redirected.
     pub(crate) senders: SockHash<MapData, SockKey>,
-    /// `mb_rx`: sockets data may be redirected into.
+    /// `mb_targets`: sockets data may be redirected into.
     pub(crate) targets: SockHash<MapData, SockKey>,
 }
 
@@ -192,7 +192,7 @@ impl NodeMaps {
     }
 
     /// Sockets currently in the socket maps: (senders, targets), i.e.
-    /// (`mb_tx`, `mb_rx`).
+    /// (`mb_senders`, `mb_targets`).
     pub fn socket_counts(&self) -> (usize, usize) {
         (
             self.senders.keys().filter(Result::is_ok).count(),
@@ -212,7 +212,7 @@ impl NodeMaps {
 /// Read access to the datapath's state, for status, GC and tests.
 impl NodeMaps {
     /// Keys of the sockets in the socket maps: (senders, targets), i.e.
-    /// (`mb_tx`, `mb_rx`).
+    /// (`mb_senders`, `mb_targets`).
     pub fn socket_keys(&self) -> (Vec<SockKey>, Vec<SockKey>) {
         (
             self.senders.keys().filter_map(Result::ok).collect(),

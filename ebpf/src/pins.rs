@@ -6,11 +6,11 @@ use std::path::{Path, PathBuf};
 /// The default bpf root (`bpfRoot`, `--bpf-root`).
 pub const DEFAULT_BPF_ROOT: &str = "/sys/fs/bpf/meshbypass";
 
-/// `mb_tx`: the sockets whose sends `sk_msg` may redirect (the senders);
+/// `mb_senders`: the sockets whose sends `sk_msg` may redirect (the senders);
 /// the sk_msg program is attached to this map.
-pub const MAP_SENDERS: &str = "mb_tx";
-/// `mb_rx`: the sockets data may be redirected into (the targets).
-pub const MAP_TARGETS: &str = "mb_rx";
+pub const MAP_SENDERS: &str = "mb_senders";
+/// `mb_targets`: the sockets data may be redirected into (the targets).
+pub const MAP_TARGETS: &str = "mb_targets";
 /// socket -> the peer its sends are redirected to.
 pub const MAP_PAIRS: &str = "mb_pairs";
 /// connection -> its first end, waiting for the second.

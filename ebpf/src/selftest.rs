@@ -187,7 +187,7 @@ enum Setup {
     /// Mode `all`: both ends in both maps (redirect targets).
     Targets,
     /// Mode `proxy-only` with the connecting side (root) as the proxy and a
-    /// member verdict: the accepting side is an app socket in `mb_tx` only,
+    /// member verdict: the accepting side is an app socket in `mb_senders` only,
     /// never fed redirected data.
     Member,
 }

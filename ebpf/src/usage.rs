@@ -9,7 +9,7 @@ use crate::{maps::NodeMaps, pins};
 /// One map's entries and capacity.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct MapUsage {
-    /// The map's pin name (`mb_tx`, ...).
+    /// The map's pin name (`mb_senders`, ...).
     pub name: &'static str,
     pub entries: u64,
     pub capacity: u64,

@@ -205,8 +205,8 @@ impl Status {
             pod_list,
             links: node.links().len(),
             sockets: Sockets {
-                tx: entries("mb_tx"),
-                rx: entries("mb_rx"),
+                tx: entries("mb_senders"),
+                rx: entries("mb_targets"),
             },
             pairing: Pairing {
                 pairs: entries("mb_pairs"),
@@ -272,7 +272,7 @@ impl Status {
             println!("hazard: {} — {}", h.probe, h.effect);
         }
         println!(
-            "pods {}  links {}  sockets tx {} rx {}  pairs {}  waiting {}",
+            "pods {}  links {}  sockets: senders {} targets {}  pairs {}  waiting {}",
             self.pods,
             self.links,
             self.sockets.tx,

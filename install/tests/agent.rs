@@ -1675,7 +1675,7 @@ fn decisions_reach_stdout_metrics_and_status() {
     assert_eq!(metric(&m, "meshbypass_map_entries{map=\"mb_netns\"}"), 1.0);
     assert_eq!(metric(&m, "meshbypass_map_entries{map=\"mb_pods\"}"), 1.0);
     assert_eq!(metric(&m, "meshbypass_map_capacity{map=\"mb_pods\"}"), 8192.0);
-    assert_eq!(metric(&m, "meshbypass_map_capacity{map=\"mb_tx\"}"), 65536.0);
+    assert_eq!(metric(&m, "meshbypass_map_capacity{map=\"mb_senders\"}"), 65536.0);
 
     // status --json: the pod with its name from the record.
     let status = || -> Value {

@@ -75,7 +75,7 @@ impl Root {
         })
     }
 
-    /// (sockets in tx, in rx, pairs, endpoints).
+    /// (sockets in mb_senders, in mb_targets, pairs, endpoints).
     pub fn occupancy(&self) -> (usize, usize, usize, usize) {
         self.with(|n| {
             let (tx, rx) = n.socket_counts();

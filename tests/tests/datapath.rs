@@ -362,7 +362,7 @@ fn proxy_only_never_redirects_into_an_app_socket() {
         };
         // Without a SAFE_MEMBER verdict app sockets join no map at all: on
         // kernels where a blocking read() on a member can fail with EAGAIN.
-        assert!(!tx.iter().any(is_app), "an app socket is in mb_tx: {tx:?}");
+        assert!(!tx.iter().any(is_app), "an app socket is in mb_senders: {tx:?}");
         assert!(
             !rx.iter().any(is_app),
             "an app socket is a redirect target: {rx:?}"

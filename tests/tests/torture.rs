@@ -276,9 +276,9 @@ const APP_B: Sock = Sock {
 /// A's redirect (`a_rules` false) app A connects to pod B, whose sidecar
 /// takes it: app A - sidecar B, sidecar B - app B. A direction can be
 /// redirected when both pods carry the bypass (`a_bypass`: pod A not
-/// DELeted), its sender may send redirected (`mb_tx`: any socket in `all`,
+/// DELeted), its sender may send redirected (`mb_senders`: any socket in `all`,
 /// proxies, and apps where the kernel is SAFE_MEMBER) and its receiver may
-/// be redirected into (`mb_rx`: any socket in `all`, proxies otherwise).
+/// be redirected into (`mb_targets`: any socket in `all`, proxies otherwise).
 /// `auto` is `all` where this kernel's selftest passed, else proxy-only
 /// (meshbypass.bpf.c, `effective_mode` and `on_established`).
 fn redirectable(mode: Mode, sidecars: bool, a_bypass: bool, a_rules: bool) -> (u64, u64) {

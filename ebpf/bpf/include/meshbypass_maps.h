@@ -17,7 +17,7 @@
 #define MB_MODE_AUTO 0       /* all if the node's selftest passed, else proxy-only */
 #define MB_MODE_ALL 1        /* redirect every paired direction */
 #define MB_MODE_PROXY_ONLY 2 /* redirect only into the sidecar proxy's sockets; app sockets
-                             * join mb_tx only where the kernel is SAFE_MEMBER */
+                             * join mb_senders only where the kernel is SAFE_MEMBER */
 #define MB_MODE_OFF 3        /* track nothing */
 #define MB_MODE_ADAPTIVE 4   /* proxy sockets, and app sockets only while provably safe
                              * members: non-blocking files (opt-in) */
@@ -48,7 +48,7 @@
 #define MB_KERNEL_HAZARD_SPLICE (1u << 3)   /* splice() readers hang or read EOF */
 #define MB_KERNEL_HAZARD_FIONREAD (1u << 4) /* FIONREAD misses redirected bytes */
 #define MB_KERNEL_HAZARD_BLOCKING (1u << 6) /* blocking read() on a target fails with EAGAIN */
-#define MB_KERNEL_HAZARD_MEMBER (1u << 7)   /* ... and on a mere sender (tx member) too */
+#define MB_KERNEL_HAZARD_MEMBER (1u << 7)   /* ... and on a mere sender (in mb_senders) too */
 #define MB_KERNEL_HAZARD_QUEUE (1u << 8)    /* a reader that never reads does not hold the writer back */
 
 /* Counters: indexes into struct mb_counters.v (per CPU, summed by user space). */
@@ -86,7 +86,7 @@ struct mb_addr {
 };
 
 /* One TCP socket: its netns, its 4-tuple as the socket sees it and its
- * socket cookie. Key of mb_tx, mb_rx and mb_pairs. The cookie makes a key
+ * socket cookie. Key of mb_senders, mb_targets and mb_pairs. The cookie makes a key
  * name that very socket: a later socket with the same 4-tuple (a port
  * reused while an old peer still refers to it) has another cookie, and
  * cookies are never reused. Ports in host order. */
@@ -119,11 +119,11 @@ struct mb_endpoint_key {
 
 /* mb_endpoint.flags */
 #define MB_EP_ACTIVE (1u << 0)        /* the waiting socket connected (else it accepted) */
-#define MB_EP_CAN_RX (1u << 1)        /* it is in mb_rx: data may be redirected into it */
+#define MB_EP_TARGET (1u << 1)        /* it is in mb_targets: data may be redirected into it */
 #define MB_EP_OUTBOUND_PORT (1u << 2) /* passive, on its pod's outbound proxy port */
 #define MB_EP_AMBIGUOUS (1u << 3)     /* two sockets claimed this endpoint: pair nobody */
 #define MB_EP_PROXY (1u << 4)         /* the waiting socket is the sidecar proxy's */
-#define MB_EP_CAN_TX (1u << 5)        /* it is in mb_tx: its sends may be redirected */
+#define MB_EP_SENDER (1u << 5)        /* it is in mb_senders: its sends may be redirected */
 #define MB_EP_INBOUND_PORT (1u << 6)  /* passive, on its pod's inbound proxy port */
 
 /* The first of two sockets to establish, waiting for its other end. */
@@ -169,7 +169,7 @@ struct mb_config {
 #define MB_SK_HAVE_UID (1u << 0)  /* uid/gid recorded at TCP_CONNECT_CB */
 #define MB_SK_TRACKED (1u << 1)   /* established and in the sockhashes */
 #define MB_SK_PROXY (1u << 2)     /* the sidecar proxy's socket */
-#define MB_SK_IN_RX (1u << 3)     /* in mb_rx */
+#define MB_SK_IN_TARGETS (1u << 3)     /* in mb_targets */
 #define MB_SK_EP_OWNER (1u << 4)  /* it created mb_endpoints[ep] */
 #define MB_SK_STICKY (1u << 5)    /* a byte it sent went through the stack: on the stack it stays */
 #define MB_SK_PEER_KNOWN (1u << 6) /* peer holds a key a redirect already succeeded with */
@@ -230,7 +230,7 @@ struct {
 	__type(key, struct mb_sock_key);
 	__type(value, __u32);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} mb_tx SEC(".maps");
+} mb_senders SEC(".maps");
 
 /* The only possible redirect targets; no program. In proxy-only mode only
  * proxy sockets enter it, so a wrong key can never feed an app socket.
@@ -241,7 +241,7 @@ struct {
 	__type(key, struct mb_sock_key);
 	__type(value, __u32);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} mb_rx SEC(".maps");
+} mb_targets SEC(".maps");
 
 /* socket -> the peer its sends are redirected to. Written by sockops when the
  * second end establishes, read by sk_msg until the peer is cached, deleted by

@@ -209,9 +209,14 @@ static __always_inline __u32 queued_at(struct sock___mb *t)
 
 /* Whether the socket's file is non-blocking: 1 yes, 0 no, -1 unknown (no
  * file yet: an accepted socket before accept(), or one being torn down). */
-static __always_inline int file_nonblocking(struct bpf_sock *bsk)
+/* The kernel socket behind a program's socket pointer (NULL if not TCP). */
+static __always_inline struct sock___mb *kernel_sock(struct bpf_sock *sk)
 {
-	struct sock___mb *sk = (void *)bpf_skc_to_tcp_sock(bsk);
+	return (void *)bpf_skc_to_tcp_sock(sk);
+}
+
+static __always_inline int file_nonblocking(struct sock___mb *sk)
+{
 	struct socket___mb *so = 0;
 	struct file___mb *f = 0;
 	__u32 fl = 0;
@@ -229,10 +234,8 @@ static __always_inline int file_nonblocking(struct bpf_sock *bsk)
 
 /* Bytes redirected into the socket and not read yet; ~0 when unknown (a
  * kernel without msg_tot_len, before 6.14). */
-static __always_inline __u32 unread_redirected(struct bpf_sock *bsk)
+static __always_inline __u32 unread_redirected(struct sock___mb *sk)
 {
-	struct sock___mb *sk = (void *)bpf_skc_to_tcp_sock(bsk);
-
 	if (!sk || !bpf_core_field_exists(struct sk_psock___mb, msg_tot_len))
 		return ~0u;
 	return queued_at(sk);
@@ -536,7 +539,7 @@ static __always_inline void on_established(struct bpf_sock_ops *skops, int activ
 	if (mode == MB_MODE_ADAPTIVE && !self.proxy) {
 		if (active) {
 			self.admitted = !(mb_adaptive_checks & MB_ADAPTIVE_CONNECTED) ||
-					file_nonblocking(sk) == 1;
+					file_nonblocking(kernel_sock(sk)) == 1;
 		} else {
 			self.admitted = !(mb_adaptive_checks & MB_ADAPTIVE_LISTENER) ||
 					port_admits(netns, st->self.local_port);
@@ -683,7 +686,7 @@ static __always_inline void on_listen(struct bpf_sock_ops *skops)
 	k.netns = netns;
 	k.port = (__u16)lport;
 	old = bpf_map_lookup_elem(&mb_ports, &k);
-	if (file_nonblocking(sk) == 1 && (!old || (old->flags & MB_PORT_LISTENER_NONBLOCK)))
+	if (file_nonblocking(kernel_sock(sk)) == 1 && (!old || (old->flags & MB_PORT_LISTENER_NONBLOCK)))
 		v.flags = MB_PORT_LISTENER_NONBLOCK;
 	if (old)
 		v.flags |= old->flags & MB_PORT_ACCEPTED_BLOCKING;
@@ -712,7 +715,7 @@ static __always_inline void on_packet(struct bpf_sock_ops *skops)
 		bpf_map_delete_elem(&mb_targets, &st->self);
 		st->flags &= ~MB_SK_IN_TARGETS;
 	}
-	if ((mb_adaptive_checks & MB_ADAPTIVE_DRAINED) && unread_redirected(sk) != 0)
+	if ((mb_adaptive_checks & MB_ADAPTIVE_DRAINED) && unread_redirected(kernel_sock(sk)) != 0)
 		return;
 	bpf_map_delete_elem(&mb_senders, &st->self);
 	st->flags &= ~(MB_SK_EVICT | MB_SK_ADAPTIVE);
@@ -796,9 +799,9 @@ enum sock_flags___mb {
 
 /* Read under the sender's lock (sk_msg runs inside sendmsg), so no byte can
  * enter TCP while we look. */
-static __always_inline int must_take_stack(struct bpf_sock *sk, __u32 seq0)
+static __always_inline int must_take_stack(struct sock___mb *sk, __u32 seq0)
 {
-	struct tcp_sock___mb *tp = (void *)bpf_skc_to_tcp_sock(sk);
+	struct tcp_sock___mb *tp = (void *)sk;
 	unsigned long flags = 0;
 	__u32 wseq, bit;
 
@@ -838,9 +841,9 @@ const volatile __u32 mb_drain_checks = MB_DRAIN_SENDER_ACKED | MB_DRAIN_RECEIVER
  * that a premise of redirecting into them at all), and SO_RCVLOWAT is checked.
  * On success the sender's new baseline is its write_seq.
  */
-static __always_inline int may_resume(struct bpf_sock *sk, struct mb_sk_state *st)
+static __always_inline int may_resume(struct sock___mb *sk, struct mb_sk_state *st)
 {
-	struct tcp_sock___mb *snd = (void *)bpf_skc_to_tcp_sock(sk);
+	struct tcp_sock___mb *snd = (void *)sk;
 	struct tcp_sock___mb *rcv = (void *)st->target;
 	struct sock___mb *rxsk = (void *)st->target;
 	__u32 una = 1, wseq = 0, copied = 1, nxt = 0;
@@ -888,6 +891,7 @@ SEC("sk_msg")
 int mb_sk_msg(struct sk_msg_md *msg)
 {
 	struct bpf_sock *sk = msg->sk;
+	struct sock___mb *ksk;
 	struct mb_sk_state *st;
 	struct mb_pair *pair;
 	__u32 size = msg->size;
@@ -897,10 +901,11 @@ int mb_sk_msg(struct sk_msg_md *msg)
 	st = bpf_sk_storage_get(&mb_sk_state, sk, 0, 0);
 	if (!st)
 		return pass(st, size);
+	ksk = kernel_sock(sk); /* once per message: every check below reads through it */
 	/* Never reorder: once a byte of this direction took the stack, all do,
 	 * unless the stack path drained behind a full proxy receiver. */
 	if (st->flags & MB_SK_STICKY) {
-		if (!(st->flags & MB_SK_RESUMABLE) || !may_resume(sk, st))
+		if (!(st->flags & MB_SK_RESUMABLE) || !may_resume(ksk, st))
 			return pass(0, size);
 		st->flags &= ~(MB_SK_STICKY | MB_SK_RESUMABLE);
 		st->target = 0;
@@ -911,7 +916,7 @@ int mb_sk_msg(struct sk_msg_md *msg)
 	 * the first send that finds it blocking, its sends take TCP and it
 	 * leaves the maps (on_packet); an accepted one vetoes its port. */
 	if ((st->flags & MB_SK_ADAPTIVE) && (mb_adaptive_checks & MB_ADAPTIVE_SEND) &&
-	    file_nonblocking(sk) != 1) {
+	    file_nonblocking(ksk) != 1) {
 		if (!(st->flags & MB_SK_EVICT)) {
 			st->flags |= MB_SK_EVICT;
 			if (st->flags & MB_SK_PASSIVE) {
@@ -927,7 +932,7 @@ int mb_sk_msg(struct sk_msg_md *msg)
 	 * before the socket joined the maps finishes on TCP (a blocking
 	 * sendto(MSG_FASTOPEN) waits for the handshake, then writes the rest).
 	 * And a zerocopy sender needs TCP's completions. */
-	switch (must_take_stack(sk, st->seq0)) {
+	switch (must_take_stack(ksk, st->seq0)) {
 	case MB_STACK_BYTES:
 		count(MB_CTR_STACK_BYTES, 1);
 		return pass(st, size);

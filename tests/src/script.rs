@@ -5,7 +5,8 @@
 use meshbypass_ebpf::{LoadOptions, Mode, counters::Counters};
 
 use crate::{
-    A_V4, A_V6, B_V4, B_V6, BpfRoot, Cgroup, Peer, Place, PodPair, fixtures::kernel_verdict, require_root,
+    A_V4, A_V6, B_V4, B_V6, BpfRoot, Cgroup, Netns, Peer, Place, PodPair, fixtures::kernel_verdict,
+    require_root,
 };
 
 /// Two registered pods (Istio ports 15001/15006, proxy UID 1337) on a veth
@@ -14,7 +15,8 @@ use crate::{
 pub struct Bed {
     pub cg_a: Cgroup,
     pub cg_b: Cgroup,
-    pub root: BpfRoot,
+    /// `None` once a test unloaded the node under live sockets ([`Bed::unload`]).
+    pub root: Option<BpfRoot>,
     pub pods: PodPair,
     pub mode: Mode,
 }
@@ -41,7 +43,7 @@ impl Bed {
         Self {
             cg_a,
             cg_b,
-            root,
+            root: Some(root),
             pods,
             mode,
         }
@@ -142,8 +144,27 @@ impl Bed {
         }
     }
 
+    pub fn root(&self) -> &BpfRoot {
+        self.root.as_ref().expect("the node is loaded")
+    }
+
+    /// Unloads the node (every pin and pod link) while the pods and their
+    /// sockets live on.
+    pub fn unload(&mut self) {
+        drop(self.root.take());
+    }
+
+    /// Pod `a` or `b`'s network namespace.
+    pub fn ns(&self, pod: char) -> &Netns {
+        match pod {
+            'a' => &self.pods.a,
+            'b' => &self.pods.b,
+            _ => panic!("pod a or b"),
+        }
+    }
+
     pub fn counters(&self) -> Counters {
-        self.root.counters()
+        self.root().counters()
     }
 }
 

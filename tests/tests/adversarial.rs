@@ -555,7 +555,7 @@ fn a_pod_past_its_socket_budget_stays_on_tcp() {
         server.ok(&format!("expect s{i} C{i}. 100"));
     }
     let after = bed.counters();
-    let tracked = |ns: &Netns| bed.root.node.lock().unwrap().tracked_sockets(ns.cookie());
+    let tracked = |ns: &Netns| bed.root().node.lock().unwrap().tracked_sockets(ns.cookie());
     // Four connections in each pod's budget; the other six clients found
     // their pod at it (their servers then found nobody waiting).
     assert_eq!(d(&before, &after, Counter::PairsPlain), 4, "{after:?}");

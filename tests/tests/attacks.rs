@@ -21,136 +21,29 @@
 use std::time::Duration;
 
 use meshbypass_ebpf::{Counter, Mode, counters::Counters};
-use meshbypass_tests::{fixtures::kernel_verdict, *};
+use meshbypass_tests::{
+    script::{Bed, Script},
+    *,
+};
 
-/// Two registered pods (Istio ports 15001/15006, proxy UID 1337) on a veth
-/// pair, the bypass attached to both cgroups. `root` is an Option so a test
-/// can unload the node under live sockets.
-struct Bed {
-    cg_a: Cgroup,
-    cg_b: Cgroup,
-    root: Option<BpfRoot>,
-    pods: PodPair,
-    mode: Mode,
-}
-
-impl Bed {
-    fn new(mode: Mode) -> Self {
-        require_root();
-        let pods = PodPair::new();
-        let root = BpfRoot::load();
-        if mode == Mode::Auto {
-            root.node
-                .lock()
-                .unwrap()
-                .record_verdict(kernel_verdict())
-                .expect("record the selftest verdict");
-        }
-        let (cg_a, cg_b) = (Cgroup::new("ca"), Cgroup::new("cb"));
-        root.add_pod(&pods.a, &cg_a, &[A_V4, A_V6], mode);
-        root.add_pod(&pods.b, &cg_b, &[B_V4, B_V6], mode);
-        Self {
-            cg_a,
-            cg_b,
-            root: Some(root),
-            pods,
-            mode,
-        }
-    }
-
-    fn root(&self) -> &BpfRoot {
-        self.root.as_ref().expect("the node is loaded")
-    }
-
-    fn ns(&self, pod: char) -> &Netns {
-        match pod {
-            'a' => &self.pods.a,
-            'b' => &self.pods.b,
-            _ => panic!("pod a or b"),
-        }
-    }
-
-    /// Pod B's inbound redirect: TCP to `ports` goes to its proxy's 15006.
-    fn inbound_redirect(&self, ports: &str) {
-        self.pods.b.exec(&[
-            "iptables",
-            "-w",
-            "-t",
-            "nat",
-            "-A",
-            "PREROUTING",
-            "-p",
-            "tcp",
-            "-m",
-            "multiport",
-            "--dports",
-            ports,
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            "15006",
-        ]);
-    }
-
-    /// A script peer in pod `a` or `b`, as `uid` (None: root, an app).
-    fn script(&self, pod: char, uid: Option<u32>) -> Script {
-        let cg = match pod {
-            'a' => &self.cg_a,
-            'b' => &self.cg_b,
-            _ => panic!("pod a or b"),
-        };
-        let who = format!("{pod}{}", if uid == Some(1337) { "-proxy" } else { "-app" });
-        Script {
-            peer: Peer::spawn(
-                &Place {
-                    ns: self.ns(pod),
-                    cgroup: &cg.path,
-                    uid,
-                },
-                "script",
-                &["--deadline-ms", "3000"],
-            ),
-            who,
-        }
-    }
-
-    fn counters(&self) -> Counters {
-        self.root().counters()
-    }
-
+/// What the attacks ask of the kit's bed beyond what it has.
+trait BedExt {
     /// Sockets of pod `pod` in TCP state `state` (ss's names) on `port`
     /// (local or remote).
+    fn sockets_in(&self, pod: char, state: &str, port: u16) -> usize;
+    /// Does this bed's mode redirect the leg [`leg`] builds?
+    fn redirects(&self) -> bool;
+}
+
+impl BedExt for Bed {
     fn sockets_in(&self, pod: char, state: &str, port: u16) -> usize {
         let out = self.ns(pod).exec(&["ss", "-Htna", "state", state]);
         let p = format!(":{port} ");
         out.lines().filter(|l| format!("{l} ").contains(&p)).count()
     }
 
-    /// Does this bed's mode redirect the leg [`Bed::leg`] builds?
     fn redirects(&self) -> bool {
         self.mode != Mode::Off
-    }
-}
-
-/// An `mb-peer script` process: named sockets, one command per line.
-struct Script {
-    peer: Peer,
-    who: String,
-}
-
-impl Script {
-    /// Runs a command that must succeed; returns what followed "ok".
-    fn ok(&mut self, cmd: &str) -> String {
-        let r = self.peer.ask(cmd);
-        match r.strip_prefix("ok") {
-            Some(rest) => rest.trim().to_string(),
-            None => panic!("{}: `{cmd}` -> {r}", self.who),
-        }
-    }
-
-    /// Runs a command and returns the whole reply.
-    fn ask(&mut self, cmd: &str) -> String {
-        self.peer.ask(cmd)
     }
 }
 
@@ -398,7 +291,7 @@ fn unload_under_unread_bytes(mode: Mode) -> String {
     client.ok("send c QUEUED. 100");
     let redirected = bed.counters().get(Counter::RedirectedBytes) - before.get(Counter::RedirectedBytes);
     // Unload: every pin and link removed, this process's handle closed.
-    drop(bed.root.take());
+    bed.unload();
     client.ok("send c AFTER. 10");
     let got = server.ask("expect s QUEUED. 100");
     let then = if got == "ok" {

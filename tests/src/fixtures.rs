@@ -220,45 +220,8 @@ impl Bed {
     }
 
     fn redirect_rules(&self) {
-        self.pods.a.exec(&[
-            "iptables",
-            "-w",
-            "-t",
-            "nat",
-            "-A",
-            "OUTPUT",
-            "-p",
-            "tcp",
-            "-d",
-            B_V4,
-            "--dport",
-            "8080",
-            "-m",
-            "owner",
-            "!",
-            "--uid-owner",
-            "1337",
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            "15001",
-        ]);
-        self.pods.b.exec(&[
-            "iptables",
-            "-w",
-            "-t",
-            "nat",
-            "-A",
-            "PREROUTING",
-            "-p",
-            "tcp",
-            "--dport",
-            "8080",
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            "15006",
-        ]);
+        crate::outbound_redirect(&self.pods.a, B_V4, "8080");
+        crate::inbound_redirect(&self.pods.b, "8080");
     }
 
     /// Removes pod A's redirect, as DEL does; established flows keep their

@@ -122,6 +122,59 @@ impl Drop for Netns {
     }
 }
 
+/// Istio's inbound redirect in pod `ns`: TCP to `ports` (comma-separated)
+/// goes to its proxy's 15006.
+pub fn inbound_redirect(ns: &Netns, ports: &str) {
+    ns.exec(&[
+        "iptables",
+        "-w",
+        "-t",
+        "nat",
+        "-A",
+        "PREROUTING",
+        "-p",
+        "tcp",
+        "-m",
+        "multiport",
+        "--dports",
+        ports,
+        "-j",
+        "REDIRECT",
+        "--to-ports",
+        "15006",
+    ]);
+}
+
+/// Istio's outbound redirect in pod `ns`: its apps' TCP to `dest`:`ports`
+/// goes to its proxy's 15001 (UID 1337 exempt).
+pub fn outbound_redirect(ns: &Netns, dest: &str, ports: &str) {
+    ns.exec(&[
+        "iptables",
+        "-w",
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-p",
+        "tcp",
+        "-d",
+        dest,
+        "-m",
+        "multiport",
+        "--dports",
+        ports,
+        "-m",
+        "owner",
+        "!",
+        "--uid-owner",
+        "1337",
+        "-j",
+        "REDIRECT",
+        "--to-ports",
+        "15001",
+    ]);
+}
+
 /// Two namespaces joined by a veth pair: `a` is 10.211.0.1 / fd00:6d62::1,
 /// `b` is 10.211.0.2 / fd00:6d62::2 (addresses exist only inside them).
 pub struct PodPair {

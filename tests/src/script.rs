@@ -51,54 +51,13 @@ impl Bed {
 
     /// Pod B's inbound redirect: TCP to `ports` goes to its proxy's 15006.
     pub fn inbound_redirect(&self, ports: &str) {
-        self.pods.b.exec(&[
-            "iptables",
-            "-w",
-            "-t",
-            "nat",
-            "-A",
-            "PREROUTING",
-            "-p",
-            "tcp",
-            "-m",
-            "multiport",
-            "--dports",
-            ports,
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            "15006",
-        ]);
+        crate::inbound_redirect(&self.pods.b, ports);
     }
 
     /// Pod A's outbound redirect: its apps' TCP to B's `ports` goes to its
     /// proxy's 15001 (UID 1337 exempt).
     pub fn outbound_redirect(&self, ports: &str) {
-        self.pods.a.exec(&[
-            "iptables",
-            "-w",
-            "-t",
-            "nat",
-            "-A",
-            "OUTPUT",
-            "-p",
-            "tcp",
-            "-d",
-            B_V4,
-            "-m",
-            "multiport",
-            "--dports",
-            ports,
-            "-m",
-            "owner",
-            "!",
-            "--uid-owner",
-            "1337",
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            "15001",
-        ]);
+        crate::outbound_redirect(&self.pods.a, B_V4, ports);
     }
 
     /// Where a process of pod `a` or `b` runs, as `uid` (None: root, an app).

@@ -170,45 +170,8 @@ impl Mesh {
         let (cg_a, cg_b) = (Cgroup::new("ca"), Cgroup::new("cb"));
         root.add_pod(&pods.a, &cg_a, &[A_V4], mode);
         root.add_pod(&pods.b, &cg_b, &[B_V4], mode);
-        pods.a.exec(&[
-            "iptables",
-            "-w",
-            "-t",
-            "nat",
-            "-A",
-            "OUTPUT",
-            "-p",
-            "tcp",
-            "-d",
-            B_V4,
-            "--dport",
-            "8080",
-            "-m",
-            "owner",
-            "!",
-            "--uid-owner",
-            "1337",
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            "15001",
-        ]);
-        pods.b.exec(&[
-            "iptables",
-            "-w",
-            "-t",
-            "nat",
-            "-A",
-            "PREROUTING",
-            "-p",
-            "tcp",
-            "--dport",
-            "8080",
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            "15006",
-        ]);
+        outbound_redirect(&pods.a, B_V4, "8080");
+        inbound_redirect(&pods.b, "8080");
         let mut peers = Vec::new();
         let app_b = Place {
             ns: &pods.b,

@@ -19,7 +19,7 @@ use meshbypass_ebpf::{
     counters::Counters,
     loader,
     maps::OpenError,
-    selftest,
+    pins, selftest,
     usage::MapUsage,
 };
 use serde::Serialize;
@@ -94,8 +94,10 @@ pub struct Pod {
 
 #[derive(Debug, Serialize)]
 pub struct Sockets {
-    pub tx: u64,
-    pub rx: u64,
+    /// In `mb_senders`: sockets whose sends may be redirected.
+    pub senders: u64,
+    /// In `mb_targets`: sockets data may be redirected into.
+    pub targets: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -205,12 +207,12 @@ impl Status {
             pod_list,
             links: node.links().len(),
             sockets: Sockets {
-                tx: entries("mb_senders"),
-                rx: entries("mb_targets"),
+                senders: entries(pins::MAP_SENDERS),
+                targets: entries(pins::MAP_TARGETS),
             },
             pairing: Pairing {
-                pairs: entries("mb_pairs"),
-                endpoints: entries("mb_endpoints"),
+                pairs: entries(pins::MAP_PAIRS),
+                endpoints: entries(pins::MAP_ENDPOINTS),
             },
             maps,
             counters,
@@ -240,7 +242,10 @@ impl Status {
             pod_list: Vec::new(),
             links: 0,
             maps: Vec::new(),
-            sockets: Sockets { tx: 0, rx: 0 },
+            sockets: Sockets {
+                senders: 0,
+                targets: 0,
+            },
             pairing: Pairing {
                 pairs: 0,
                 endpoints: 0,
@@ -275,8 +280,8 @@ impl Status {
             "pods {}  links {}  sockets: senders {} targets {}  pairs {}  waiting {}",
             self.pods,
             self.links,
-            self.sockets.tx,
-            self.sockets.rx,
+            self.sockets.senders,
+            self.sockets.targets,
             self.pairing.pairs,
             self.pairing.endpoints
         );

@@ -46,6 +46,9 @@ pub enum ApiError {
         url: String,
         status: u16,
         message: String,
+        /// What the body says when it is a Kubernetes `Status` (a proxy or a
+        /// server that is not the API server sends something else).
+        body: StatusBody,
     },
     #[error("GET {url}")]
     Transport {
@@ -70,7 +73,38 @@ pub enum ApiError {
     },
 }
 
+/// The machine-readable part of a Kubernetes `Status` answer; empty strings
+/// when the body is not one.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+pub struct StatusBody {
+    /// `Status.reason`: `NotFound`, `Forbidden`, ...
+    #[serde(default)]
+    pub reason: String,
+    #[serde(default)]
+    pub details: StatusDetails,
+}
+
+/// `Status.details`: which object the answer is about.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+pub struct StatusDetails {
+    #[serde(default)]
+    pub name: String,
+    /// The resource, lowercase plural (`daemonsets`).
+    #[serde(default)]
+    pub kind: String,
+}
+
 impl ApiError {
+    /// The Kubernetes `Status` of the last attempt, if the API server said
+    /// why it failed.
+    pub fn status_body(&self) -> Option<&StatusBody> {
+        match self {
+            ApiError::Status { body, .. } => Some(body),
+            ApiError::GaveUp { last, .. } => last.status_body(),
+            _ => None,
+        }
+    }
+
     /// The HTTP status of the last attempt, if the server answered.
     pub fn status(&self) -> Option<u16> {
         match self {
@@ -245,6 +279,7 @@ impl Client {
             url: url.to_owned(),
             status,
             message: status_message(&body),
+            body: serde_json::from_slice(&body).unwrap_or_default(),
         })
     }
 }
@@ -277,7 +312,9 @@ mod tests {
             url: "https://h/api/v1/namespaces/default/pods/web-0".into(),
             status: 403,
             message: status_message(body),
+            body: serde_json::from_slice(body).unwrap(),
         };
+        assert_eq!(err.status_body().map(|b| b.reason.as_str()), Some("Forbidden"));
         let text = err.to_string();
         assert!(
             text.contains("403 Forbidden: pods \"web-0\" is forbidden"),

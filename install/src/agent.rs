@@ -90,7 +90,11 @@ pub fn run(root: &Path, opts: &RunOptions, log_format: LogFormat) -> anyhow::Res
     decisions::spawn(&opts.state_dir, log_format, stats.clone())
         .context("following the plugin's decision log")?;
 
-    load(root, opts, &node, &stats);
+    // The maps load on a thread of their own: a load can wait on another
+    // loader's lock, or run the selftest (seconds), and installing the
+    // plugin must wait for neither (a pod ADDed meanwhile gets its redirect
+    // and, the plugin loading the maps itself, its bypass).
+    spawn_loader(root, opts, &node, &stats).context("starting the loader thread")?;
 
     let plugin_binary = match &opts.paths.plugin_binary {
         Some(p) => p.clone(),
@@ -168,6 +172,24 @@ fn load_reason(e: &LoadError) -> &'static str {
         LoadError::Ebpf(_) | LoadError::Program { .. } | LoadError::AttachSkMsg { .. } => "kernel-refused",
         LoadError::Missing(_) => "object",
     }
+}
+
+/// Loads the node's maps, every [`LOAD_RETRY`] until it works.
+fn spawn_loader(
+    root: &Path,
+    opts: &RunOptions,
+    node: &SharedNode,
+    stats: &Arc<Stats>,
+) -> std::io::Result<()> {
+    let (root, opts, node, stats) = (root.to_owned(), opts.clone(), node.clone(), stats.clone());
+    std::thread::Builder::new()
+        .name("loader".into())
+        .spawn(move || {
+            while !load(&root, &opts, &node, &stats) {
+                std::thread::sleep(LOAD_RETRY);
+            }
+        })
+        .map(drop)
 }
 
 /// Loads or adopts the node's maps; on failure records why (the plugin is
@@ -286,7 +308,6 @@ fn serve(
     stats: &Stats,
 ) -> anyhow::Result<Signal> {
     let mut next_gc = Instant::now() + opts.gc_interval;
-    let mut next_load = Instant::now() + LOAD_RETRY;
     let mut retry_at = None;
     let mut waiting_logged = false;
     let mut dirty = true;
@@ -299,21 +320,13 @@ fn serve(
             }
         }
         let now = Instant::now();
-        if !stats.loaded.load(Ordering::Relaxed) && now >= next_load {
-            load(root, opts, node, stats);
-            next_load = Instant::now() + LOAD_RETRY;
-            continue;
-        }
         if now >= next_gc {
             collect_garbage(&opts.state_dir, node, stats);
             next_gc = now + opts.gc_interval;
             dirty = true; // also a periodic resync, should an event be lost
             continue;
         }
-        let mut wake = retry_at.map_or(next_gc, |r| r.min(next_gc));
-        if !stats.loaded.load(Ordering::Relaxed) {
-            wake = wake.min(next_load);
-        }
+        let wake = retry_at.map_or(next_gc, |r| r.min(next_gc));
         let timeout = wake.saturating_duration_since(now);
         let (sig, ev) = wait(signals, watcher, timeout)?;
         if sig && let Some(info) = signals.read_signal().context("reading the signalfd")? {
@@ -373,19 +386,33 @@ fn update_settings(root: &Path, opts: &RunOptions, installer: &mut Installer, st
                 log::info!("the plugin settings are valid again (were: {})", p.reason);
             }
             stats.set_settings_problem(None);
+            if let Err(e) = installer.remember_entry(&entry) {
+                log::warn!(
+                    "cannot keep the valid settings for a restart: {}",
+                    error_chain(&e)
+                );
+            }
             installer.set_entry(entry);
             return;
         }
         Err(e) => e,
     };
     if !installer.has_entry() {
-        match installer.chained_entry() {
-            Ok(Some(entry)) => {
-                log::info!("keeping the entry an earlier run chained: {entry}");
-                installer.set_entry(entry);
+        // At startup: the entry an earlier run chained, else the last valid
+        // settings it kept (the primary CNI may have rewritten its conflist
+        // without our entry meanwhile, at a reboot).
+        let earlier = match installer.chained_entry() {
+            Ok(Some(entry)) => Some(("an earlier run chained", entry)),
+            Ok(None) => None,
+            Err(e) => {
+                log::warn!("reading our chained entry: {}", error_chain(&e));
+                None
             }
-            Ok(None) => {}
-            Err(e) => log::warn!("reading our chained entry: {}", error_chain(&e)),
+        }
+        .or_else(|| installer.remembered_entry().map(|e| ("an earlier run kept", e)));
+        if let Some((whose, entry)) = earlier {
+            log::info!("keeping the entry {whose}: {entry}");
+            installer.set_entry(entry);
         }
     }
     let keeping = if installer.has_entry() {
@@ -437,12 +464,15 @@ fn reconcile(
                 None => *waiting_logged = false,
             }
             stats.set_waiting(waiting);
+            stats.set_install_failure(None);
             true
         }
         Err(e) => {
             stats.installed.store(installer.is_installed(), Ordering::Relaxed);
             stats.reconcile_errors.fetch_add(1, Ordering::Relaxed);
-            log::warn!("{}", error_chain(&e));
+            let why = error_chain(&e);
+            log::warn!("{why}");
+            stats.set_install_failure(Some(why));
             false
         }
     }

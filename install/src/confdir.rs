@@ -52,6 +52,11 @@ pub enum ConfDirError {
     Foreign { path: PathBuf, from: String },
     #[error("{} kept changing while we edited it ({ATTEMPTS} attempts)", path.display())]
     Busy { path: PathBuf },
+    #[error(
+        "the network config {name:?} has a name that is not UTF-8: the runtime may read it, \
+         meshbypass cannot chain into it; rename it"
+    )]
+    NotUtf8 { name: String },
 }
 
 /// What [`ConfDir::ensure`] found or did.
@@ -114,8 +119,16 @@ impl ConfDir {
                 path: self.dir.clone(),
                 source,
             })?;
-            let Ok(name) = entry.file_name().into_string() else {
-                continue;
+            let name = match entry.file_name().into_string() {
+                Ok(name) => name,
+                // The runtime would read it (libcni sorts bytes, not text):
+                // chaining into another file would leave pods unredirected.
+                Err(raw) if conflist::is_config_name(&raw.to_string_lossy()) => {
+                    return Err(ConfDirError::NotUtf8 {
+                        name: raw.to_string_lossy().into_owned(),
+                    });
+                }
+                Err(_) => continue,
             };
             if conflist::is_config_name(&name) && !entry.file_type().is_ok_and(|t| t.is_dir()) {
                 names.push(name);

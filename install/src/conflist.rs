@@ -47,12 +47,10 @@ pub enum ConflistError {
     BadMarker { file: String, from: String },
 }
 
-/// Whether libcni would read `name` as a network config.
+/// Whether libcni would read `name` as a network config: its extension as
+/// Go's `filepath.Ext` sees it, so `.conf` alone is one too.
 pub fn is_config_name(name: &str) -> bool {
-    !name.contains('/')
-        && EXTENSIONS
-            .iter()
-            .any(|ext| name.len() > ext.len() && name.ends_with(ext))
+    !name.contains('/') && EXTENSIONS.iter().any(|ext| name.ends_with(ext))
 }
 
 /// Whether `name` is a list (`.conflist`) rather than a single config.
@@ -184,7 +182,7 @@ pub fn remove(file: &str, doc: &Value) -> Result<Option<Edit>, ConflistError> {
     let kept: Vec<Value> = list.iter().filter(|p| !is_ours(p)).cloned().collect();
     if let Some(from) = conf.get(CONVERTED_FROM) {
         let from_name = from.as_str().unwrap_or_default();
-        if !is_config_name(from_name) || is_list_name(from_name) || from_name.starts_with('.') {
+        if !is_config_name(from_name) || is_list_name(from_name) {
             return Err(ConflistError::BadMarker {
                 file: file.into(),
                 from: from.to_string(),
@@ -239,10 +237,13 @@ mod tests {
         assert_eq!(primary(["10-a.conflist", "10-a.conf"]), Some("10-a.conf"));
         // Upper case sorts before lower case, bytewise.
         assert_eq!(primary(["a.conf", "B.conf"]), Some("B.conf"));
+        // libcni reads a file named just ".conf" (Go's filepath.Ext); never
+        // our temp files.
         assert_eq!(
             primary([".conf", "notes.txt", ".x.conflist.meshbypass-1-0.tmp"]),
-            None
+            Some(".conf")
         );
+        assert_eq!(primary(["notes.txt", ".x.conflist.meshbypass-1-0.tmp"]), None);
     }
 
     #[test]
@@ -293,7 +294,7 @@ mod tests {
 
     #[test]
     fn a_marker_cannot_point_outside_the_conf_dir() {
-        for from in ["../../etc/passwd.conf", "x.conflist", ".hidden.conf", "noext"] {
+        for from in ["../../etc/passwd.conf", "x.conflist", "noext"] {
             let doc = json!({"name": "n", CONVERTED_FROM: from,
                              "plugins": [{"type": "bridge"}, {"type": "meshbypass"}]});
             assert!(

@@ -224,6 +224,9 @@ impl Reconciled {
     }
 }
 
+/// The file in the conf dir that keeps the last valid settings.
+pub const LAST_GOOD_SETTINGS: &str = "meshbypass-settings";
+
 pub struct Installer {
     bin_dir: PathBuf,
     conf: ConfDir,
@@ -369,9 +372,41 @@ impl Installer {
     pub fn reconcile(&mut self) -> Result<Reconciled, InstallError> {
         Self::make_dir(self.conf.dir())?;
         self.ensure_binary()?;
-        self.ensure_kubeconfig()?;
+        // A kubeconfig that cannot be renewed (an unreadable token) must not
+        // keep the entry from being put back: with the previous kubeconfig
+        // the plugin works, without one its ADD fails; either way no pod
+        // starts without its redirect.
+        let kubeconfig = self.ensure_kubeconfig();
         let chained = self.ensure_chained()?;
+        kubeconfig?;
         Ok(Reconciled { chained })
+    }
+
+    /// Where the last settings that passed the plugin's parser are kept,
+    /// beside the conflist (persistent, unlike the state dir's tmpfs; no
+    /// extension, so no runtime takes it for a network config).
+    fn last_good_path(&self) -> PathBuf {
+        self.conf.dir().join(LAST_GOOD_SETTINGS)
+    }
+
+    /// Remembers `entry` (valid settings) for a restart that finds the
+    /// settings broken and the conflist rewritten without our entry.
+    pub fn remember_entry(&self, entry: &Value) -> Result<(), InstallError> {
+        let path = self.last_good_path();
+        let bytes = serde_json::to_vec_pretty(entry).expect("a JSON value serializes");
+        if fs::read(&path).is_ok_and(|b| b == bytes) {
+            return Ok(());
+        }
+        atomic::write(&path, &bytes, 0o644)?;
+        Ok(())
+    }
+
+    /// The settings [`Installer::remember_entry`] kept, if they still pass
+    /// the plugin's parser.
+    pub fn remembered_entry(&self) -> Option<Value> {
+        let bytes = fs::read(self.last_good_path()).ok()?;
+        let entry: Value = serde_json::from_slice(&bytes).ok()?;
+        validate(&entry).is_ok().then_some(entry)
     }
 
     /// Whether the host is as it should be right now (for `/readyz`).
@@ -411,9 +446,14 @@ pub fn uninstall(
         log::info!("removed meshbypass from {done:?}");
         std::thread::sleep(UNINSTALL_GRACE);
     }
-    for path in [Some(bin_dir.join(PLUGIN_TYPE).as_path()), kubeconfig]
-        .into_iter()
-        .flatten()
+    let last_good = conf_dir.join(LAST_GOOD_SETTINGS);
+    for path in [
+        Some(bin_dir.join(PLUGIN_TYPE).as_path()),
+        kubeconfig,
+        Some(last_good.as_path()),
+    ]
+    .into_iter()
+    .flatten()
     {
         match fs::remove_file(path) {
             Ok(()) => done.push(path.into()),

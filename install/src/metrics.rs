@@ -74,6 +74,8 @@ pub struct Stats {
     settings_problem: Mutex<Option<Problem>>,
     /// No primary CNI config yet, or no valid settings to chain.
     waiting: Mutex<Option<String>>,
+    /// Why the last install pass failed (retried every second), if it did.
+    install_failure: Mutex<Option<String>>,
     /// The plugin's requests, from its decision log.
     cni: Mutex<CniTally>,
 }
@@ -116,12 +118,24 @@ impl Stats {
         *self.waiting.lock().unwrap_or_else(|p| p.into_inner()) = why;
     }
 
+    pub fn set_install_failure(&self, why: Option<String>) {
+        *self.install_failure.lock().unwrap_or_else(|p| p.into_inner()) = why;
+    }
+
     /// `Ok` when ready, else every reason, one per line (the `/readyz` body).
     pub fn readiness(&self) -> Result<(), String> {
         let mut why = Vec::new();
         if !self.installed.load(Ordering::Relaxed) {
             let waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner()).clone();
             why.push(waiting.unwrap_or_else(|| "the plugin is not installed or not chained yet".into()));
+        }
+        if let Some(failure) = self
+            .install_failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        {
+            why.push(failure);
         }
         if let Some(p) = self.settings_problem() {
             why.push(p.message);

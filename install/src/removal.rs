@@ -12,10 +12,15 @@
 //! |---|---|
 //! | 200, no `deletionTimestamp` | keep (restart, rollout, drain) |
 //! | 200 with `deletionTimestamp` (foreground deletion) | remove |
-//! | 404 | remove: the DaemonSet is gone |
-//! | 401 | remove: our service account is gone (its namespace was deleted) |
-//! | 403 | remove: our RBAC is gone (`kubectl delete -k` deletes it with the DaemonSet, before the pods stop) |
+//! | 404 with a Kubernetes `Status` saying `NotFound` for this very DaemonSet | remove: it is gone |
+//! | any other 404 (a proxy, an API group not served yet, another server) | keep |
+//! | 401, 403 | keep: our token or our RBAC is gone, which also happens by accident (RBAC churn, an expired token); the DaemonSet may well exist |
 //! | anything else, or nothing within the budget | keep: cannot tell, so fail closed |
+//!
+//! So removing meshbypass is: delete the DaemonSet first and let its pods
+//! see that (`kubectl delete daemonset --cascade=foreground`), then the rest
+//! (README, "Removing safely"); an agent that could not tell keeps the plugin,
+//! and `meshbypass-node uninstall` on that node removes it.
 //!
 //! Outside a cluster (no service account) the answer is always "keep":
 //! `meshbypass-node uninstall` is the way to remove it there.
@@ -155,24 +160,23 @@ fn ask(client: &Client, ds: &DaemonSetRef, budget: Duration) -> Verdict {
                     },
                 };
             }
-            Err(e) => match e.status() {
-                Some(404) => {
+            Err(e) => match (e.status(), e.status_body()) {
+                (Some(404), Some(body))
+                    if body.reason == "NotFound"
+                        && body.details.kind == "daemonsets"
+                        && body.details.name == ds.name =>
+                {
                     return Verdict::Remove {
                         why: format!("DaemonSet {ds} is gone"),
                     };
                 }
-                Some(401) => {
-                    return Verdict::Remove {
+                (Some(401 | 403), _) => {
+                    return Verdict::Keep {
                         why: format!(
-                            "the API server no longer accepts our service account's token (deleted with \
-                             DaemonSet {ds}'s namespace)"
-                        ),
-                    };
-                }
-                Some(403) => {
-                    return Verdict::Remove {
-                        why: format!(
-                            "our permission to read DaemonSet {ds} was revoked (deleted with the DaemonSet)"
+                            "the API server refuses to say whether DaemonSet {ds} exists ({}): our token \
+                             or RBAC is gone, by accident or with the DaemonSet; the plugin stays (fail \
+                             closed); `meshbypass-node uninstall` removes it",
+                            error_chain(&e)
                         ),
                     };
                 }

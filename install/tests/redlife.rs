@@ -296,7 +296,11 @@ fn runtime_primary(conf: &Path) -> Option<PathBuf> {
 /// libcni's view of `path`: the plugin list (a single config is one plugin).
 fn runtime_plugins(path: &Path) -> Option<Vec<Value>> {
     let doc: Value = serde_json::from_slice(&fs::read(path).ok()?).ok()?;
-    if path.extension().is_some_and(|e| e == "conflist") {
+    // libcni: strings.HasSuffix(name, ".conflist") (".conflist" alone is one).
+    if path
+        .file_name()
+        .is_some_and(|n| n.as_bytes().ends_with(b".conflist"))
+    {
         doc["plugins"].as_array().cloned()
     } else {
         Some(vec![doc])
@@ -788,6 +792,23 @@ fn rl06_the_agent_chains_into_the_file_the_runtime_reads() {
         write_primary(&host.conf);
         fs::write(host.conf.join(&name), stale.to_string()).expect("writing the extra config");
         let agent = Agent::start(&host, &host.plugin, &["--no-selftest"], &[]);
+        if tag == "rl06utf" {
+            // A name that is not UTF-8: the agent cannot chain into it, so it
+            // must not claim to be installed; it says why instead.
+            let said = poll_until(Duration::from_secs(10), || {
+                let (code, body) = agent.get("/readyz");
+                code == 503 && body.contains("not UTF-8")
+            });
+            if !said {
+                failures.push(format!(
+                    "{name:?}: /readyz {:?}; the runtime's network is {}",
+                    agent.get("/readyz"),
+                    describe_runtime(&host.conf)
+                ));
+            }
+            drop(agent);
+            continue;
+        }
         let ready = poll_until(Duration::from_secs(10), || agent.get("/readyz").0 == 200);
         let runs_us = poll_until(REPAIR_BOUND, || runtime_runs_us(&host.conf));
         if !runs_us {

@@ -4,7 +4,7 @@
 //! during a blocking read). One reply line per command: `ok [...]` or
 //! `err <what happened>`.
 //!
-//!   listen NAME ADDR [fastopen] [nonblock]   SO_REUSEADDR listener       -> ok PORT
+//!   listen NAME ADDR [fastopen] [nonblock] [reuseport]  SO_REUSEADDR listener -> ok PORT
 //!   accept NAME LISTENER [nonblock]          accept4(), SOCK_NONBLOCK    -> ok PEER
 //!   connect NAME ADDR [BIND] [nonblock]      bound with SO_REUSEADDR; nonblock: the
 //!                                            connect itself is non-blocking (poll)
@@ -41,6 +41,9 @@
 //!   peek_off NAME V                          SO_PEEK_OFF
 //!   write_with NAME HOW TEXT N               write TEXT×N with writev (7-byte iovecs), sendfile
 //!                                            (from a memfd) or splice (through a pipe) -> ok BYTES
+//!   disconnect NAME                          connect(AF_UNSPEC): the socket may connect again
+//!   reconnect NAME ADDR                      connect that same socket again -> ok LOCALPORT
+//!   accept_any NAME L1 L2 [nonblock]         accept from whichever listener is ready -> ok LISTENER
 //!   pid                                      this process's PID       -> ok PID
 //!   ruid N                                   setresuid(N, -1, -1): real UID N, still root
 //!   sim_connect NAME ADDR BIND               non-blocking connect, no wait -> ok
@@ -229,6 +232,9 @@ fn step(socks: &mut HashMap<String, Sock>, w: &[&str]) -> anyhow::Result<String>
             let s = new_socket(&addr)?;
             if rest.contains(&"fastopen") {
                 set_int(s.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_FASTOPEN, 64).context("TCP_FASTOPEN")?;
+            }
+            if rest.contains(&"reuseport") {
+                s.set_reuse_port(true).context("SO_REUSEPORT")?;
             }
             // The file's flags at listen() are what the listener shows.
             s.set_nonblocking(rest.contains(&"nonblock"))?;
@@ -821,6 +827,79 @@ fn step(socks: &mut HashMap<String, Sock>, w: &[&str]) -> anyhow::Result<String>
             s.set_nonblocking(false)?;
             s.set_read_timeout(Some(io_deadline()))?;
             Ok(format!("ok {}", s.peer_addr()?))
+        }
+        ["disconnect", name] => {
+            // connect(AF_UNSPEC): tcp_disconnect(), the socket can connect again.
+            let c = conn(socks, name)?;
+            // SAFETY: a zeroed sockaddr with only the family set, as connect(2) takes it.
+            let mut sa: libc::sockaddr = unsafe { std::mem::zeroed() };
+            sa.sa_family = libc::AF_UNSPEC as libc::sa_family_t;
+            // SAFETY: connect(2) with a sockaddr we own.
+            let rc = unsafe {
+                libc::connect(
+                    c.s.as_raw_fd(),
+                    &sa,
+                    std::mem::size_of::<libc::sockaddr>() as libc::socklen_t,
+                )
+            };
+            if rc != 0 {
+                return Err(io::Error::last_os_error()).context("connect AF_UNSPEC");
+            }
+            Ok("ok".into())
+        }
+        ["reconnect", name, addr] => {
+            // The same socket (same cookie, same socket storage), connected
+            // again in the file's current mode (as `connect` does).
+            let addr: SocketAddr = addr.parse()?;
+            let c = conn(socks, name)?;
+            let sock = socket2::SockRef::from(&c.s);
+            if c.blocking {
+                sock.set_write_timeout(Some(io_deadline()))?;
+                sock.connect(&addr.into())
+                    .with_context(|| format!("reconnect {addr}"))?;
+                sock.set_write_timeout(None)?;
+            } else {
+                match sock.connect(&addr.into()) {
+                    Ok(()) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {
+                        if !poll_one(&c.s, PollFlags::POLLOUT, io_deadline().as_millis() as u64)? {
+                            bail!("reconnect {addr}: not connected within the deadline");
+                        }
+                        if let Some(e) = sock.take_error()? {
+                            bail!("reconnect {addr}: {e}");
+                        }
+                    }
+                    Err(e) => bail!("reconnect {addr}: {e}"),
+                }
+            }
+            Ok(format!("ok {}", c.s.local_addr()?.port()))
+        }
+        ["accept_any", name, l1, l2, rest @ ..] => {
+            // Whichever of two listeners (SO_REUSEPORT) has a connection.
+            let (Some(Sock::Listener(a)), Some(Sock::Listener(b))) = (socks.get(*l1), socks.get(*l2)) else {
+                bail!("no listeners {l1} {l2}")
+            };
+            let mut fds = [
+                PollFd::new(a.as_fd(), PollFlags::POLLIN),
+                PollFd::new(b.as_fd(), PollFlags::POLLIN),
+            ];
+            let t = PollTimeout::from(u16::try_from(io_deadline().as_millis()).unwrap_or(u16::MAX));
+            if nix::poll::poll(&mut fds, t)? == 0 {
+                bail!("nothing to accept within the deadline");
+            }
+            let first = fds[0].revents().is_some_and(|r| r.contains(PollFlags::POLLIN));
+            let (which, l) = if first { (*l1, a) } else { (*l2, b) };
+            let nonblock = rest.contains(&"nonblock");
+            let flags = if nonblock {
+                nix::sys::socket::SockFlag::SOCK_NONBLOCK
+            } else {
+                nix::sys::socket::SockFlag::empty()
+            };
+            let fd = nix::sys::socket::accept4(l.as_raw_fd(), flags).context("accept4")?;
+            // SAFETY: accept4 returned a new socket we now own.
+            let s = unsafe { <TcpStream as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+            socks.insert(name.to_string(), Sock::Stream(new_conn(s, !nonblock)?));
+            Ok(format!("ok {which}"))
         }
         ["close", name] => match socks.remove(*name) {
             Some(_) => Ok("ok".into()),

@@ -244,7 +244,7 @@ static __always_inline __u32 unread_redirected(struct sock___mb *sk)
 /* Which guards `adaptive` applies: all of them. Only the tests that prove
  * each one necessary load the program with one removed. */
 const volatile __u32 mb_adaptive_checks = MB_ADAPTIVE_CONNECTED | MB_ADAPTIVE_LISTENER |
-					  MB_ADAPTIVE_SEND | MB_ADAPTIVE_DRAINED;
+					  MB_ADAPTIVE_SEND | MB_ADAPTIVE_FED;
 
 /* The most sockets of one pod the maps hold (set at load; a quarter of the
  * socket maps by default): one pod cannot fill the node's maps. */
@@ -264,6 +264,7 @@ static __always_inline int reserve(struct mb_sk_state *st)
 		return 0;
 	}
 	__sync_fetch_and_add(&u->count, 1);
+	st->budget_gen = u->generation;
 	st->flags |= MB_SK_COUNTED;
 	return 1;
 }
@@ -276,7 +277,7 @@ static __always_inline void release(struct mb_sk_state *st)
 		return;
 	st->flags &= ~MB_SK_COUNTED;
 	u = bpf_map_lookup_elem(&mb_pod_sockets, &st->self.netns);
-	if (u)
+	if (u && u->generation == st->budget_gen)
 		__sync_fetch_and_add(&u->count, -1);
 }
 
@@ -348,6 +349,8 @@ static __always_inline void track(struct bpf_sock_ops *skops, struct mb_sk_state
 		cb |= BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG;
 		count(MB_CTR_ADMITTED, 1);
 	}
+	if (st->flags & MB_SK_WAIT_LOCAL)
+		cb |= BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG;
 	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | cb);
 	count(MB_CTR_SOCKETS_TRACKED, 1);
 }
@@ -366,9 +369,10 @@ static __always_inline void track(struct bpf_sock_ops *skops, struct mb_sk_state
  * exactly one deletes it. A joiner that loses takes its entries back; a
  * waiter that closes deletes its endpoint before its pair entry, so an entry
  * written for it by a joiner that then won is deleted too. Nothing is left
- * for a socket that is gone.
+ * for a socket that is gone. Returns 0 when it refuses before any claim that
+ * is not another joiner's: the caller then declines the first end.
  */
-static __always_inline void join(struct bpf_sock_ops *skops, struct mb_sk_state *st,
+static __always_inline int join(struct bpf_sock_ops *skops, struct mb_sk_state *st,
 				 const struct mb_end *self, const struct mb_endpoint *first,
 				 const struct mb_endpoint_key *ek)
 {
@@ -400,7 +404,7 @@ static __always_inline void join(struct bpf_sock_ops *skops, struct mb_sk_state 
 		/* Translated by something other than our REDIRECT, or aimed
 		 * elsewhere than where it arrived: unexplained. */
 		count(MB_CTR_PAIRS_REFUSED, 1);
-		return;
+		return 0;
 	}
 
 	/* What each end needs now that both are known. */
@@ -411,14 +415,18 @@ static __always_inline void join(struct bpf_sock_ops *skops, struct mb_sk_state 
 	flags = plain ? 0 : MB_PAIR_NAT;
 
 	if ((self_sends || self_receives) && !join_maps(skops, st, self_receives, self_sends))
-		return; /* full: the first end keeps waiting, both on the stack */
-	if (self_sends && write_pair(&st->self, &first->key, flags | (first_proxy ? MB_PAIR_PEER_PROXY : 0))) {
+		return 0; /* full: both on the stack */
+	if (self_sends && write_pair(&st->self, &first->key,
+				     flags | (first_proxy ? MB_PAIR_PEER_PROXY : 0) |
+					     ((first->flags & MB_EP_ADAPTIVE) ? MB_PAIR_PEER_ADAPTIVE : 0))) {
 		count(MB_CTR_MAP_FULL, 1);
 		leave_maps(st);
-		return;
+		return 0;
 	}
 	if (first_sends) {
-		long err = write_pair(&first->key, &st->self, flags | (self->proxy ? MB_PAIR_PEER_PROXY : 0));
+		long err = write_pair(&first->key, &st->self,
+				      flags | (self->proxy ? MB_PAIR_PEER_PROXY : 0) |
+					      (self->admitted ? MB_PAIR_PEER_ADAPTIVE : 0));
 
 		if (err) {
 			/* -EEXIST: another joiner wrote it; theirs, not ours to take back. */
@@ -426,7 +434,7 @@ static __always_inline void join(struct bpf_sock_ops *skops, struct mb_sk_state 
 			if (self_sends)
 				bpf_map_delete_elem(&mb_pairs, &st->self);
 			leave_maps(st);
-			return;
+			return err == -MB_EEXIST;
 		}
 	}
 	if (bpf_map_delete_elem(&mb_endpoints, ek)) {
@@ -437,17 +445,18 @@ static __always_inline void join(struct bpf_sock_ops *skops, struct mb_sk_state 
 			bpf_map_delete_elem(&mb_pairs, &first->key);
 		leave_maps(st);
 		count(MB_CTR_PAIRS_REFUSED, 1);
-		return;
+		return 1;
 	}
 	if (!first_sends)
 		bpf_map_delete_elem(&mb_senders, &first->key);
 	if (!first_receives)
 		bpf_map_delete_elem(&mb_targets, &first->key);
 	if (!self_sends && !self_receives)
-		return; /* nothing to redirect either way: the pair stays on the stack */
+		return 1; /* nothing to redirect either way: the pair stays on the stack */
 	st->flags |= MB_SK_TRACKED | (self->proxy ? MB_SK_PROXY : 0);
 	track(skops, st, self);
 	count(plain ? MB_CTR_PAIRS_PLAIN : MB_CTR_PAIRS_NAT, 1);
+	return 1;
 }
 
 /* Whether `adaptive` admits sockets accepted on this port of the pod: every
@@ -458,7 +467,19 @@ static __always_inline int port_admits(__u64 netns, __u16 port)
 	struct mb_port_key pk = {.netns = netns, .port = port};
 	struct mb_port *p = bpf_map_lookup_elem(&mb_ports, &pk);
 
-	return p && (p->flags & MB_PORT_LISTENER_NONBLOCK) && !(p->flags & MB_PORT_ACCEPTED_BLOCKING);
+	return p && (p->flags & MB_PORT_LISTENER_NONBLOCK) && (p->flags & MB_PORT_ACCEPTED_NONBLOCK) &&
+	       !(p->flags & MB_PORT_ACCEPTED_BLOCKING);
+}
+
+/* Whether an accepted socket on this port should teach `adaptive` what the
+ * port accepts: its listeners are non-blocking, nothing was learned yet. */
+static __always_inline int port_learns(__u64 netns, __u16 port)
+{
+	struct mb_port_key pk = {.netns = netns, .port = port};
+	struct mb_port *p = bpf_map_lookup_elem(&mb_ports, &pk);
+
+	return p && (p->flags & MB_PORT_LISTENER_NONBLOCK) &&
+	       !(p->flags & (MB_PORT_ACCEPTED_NONBLOCK | MB_PORT_ACCEPTED_BLOCKING));
 }
 
 /*
@@ -468,53 +489,44 @@ static __always_inline int port_admits(__u64 netns, __u16 port)
  * exactly the maps its directions need (a socket in a map pays tcp_bpf's
  * costs even when nothing is redirected), and the pair entries are written.
  */
-static __always_inline void on_established(struct bpf_sock_ops *skops, int active)
+static __always_inline int establish(struct bpf_sock_ops *skops, struct bpf_sock *sk, const struct mb_pod *pod,
+				     const struct mb_sock_key *key, const struct mb_endpoint_key *ek, __u64 dest_netns,
+				     __u32 remote_local, __u32 seq0, int active)
 {
-	/* Every ctx field once, before any branch (see sock_key). */
-	__u32 snd_una = skops->snd_una, snd_nxt = skops->snd_nxt, rcv_nxt = skops->rcv_nxt;
-	__u32 acked = (__u32)skops->bytes_acked, received = (__u32)skops->bytes_received;
-	__u64 netns = bpf_get_netns_cookie(skops);
-	struct bpf_sock *sk = skops->sk;
-	struct mb_endpoint_key ek = {};
 	struct mb_endpoint ev = {};
 	struct mb_endpoint first;
 	struct mb_endpoint *other;
 	struct mb_end self = {};
 	struct mb_sk_state *st;
-	struct mb_pod *pod;
-	struct mb_pod *remote_pod;
-	__u32 remote_local, apps_tracked;
+	__u64 netns = key->netns;
+	__u32 apps_tracked;
 	__u32 kflags;
 	__u8 mode;
 
-	asm volatile("" ::: "memory");
-	if (!sk)
-		return;
-	pod = bpf_map_lookup_elem(&mb_netns, &netns);
-	if (!pod)
-		return;
 	kflags = kernel_flags();
 	mode = effective_mode(pod, kflags);
 	if (mode == MB_MODE_OFF)
-		return;
+		return 0;
 
 	st = bpf_sk_storage_get(&mb_sk_state, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (!st) {
 		count(MB_CTR_MAP_FULL, 1);
-		return;
+		return 0;
 	}
 	/* Programs attached at two cgroup levels run twice: act once. */
 	if (st->flags & MB_SK_TRACKED)
-		return;
-	if (!sock_key(skops, netns, &st->self))
-		return;
-
-	/* Where the remote end lives: this pod (loopback, its own IPs),
-	 * another registered pod, or somewhere we know nothing of. */
-	remote_pod = bpf_map_lookup_elem(&mb_pods, st->self.remote_ip);
-	remote_local = is_loopback(st->self.remote_ip) || (remote_pod && remote_pod->netns == netns);
+		return 1;
+	/* A socket that connects again after connect(AF_UNSPEC) leaves the maps
+	 * under its old connection's key first: its redirect queue (the old
+	 * connection's bytes) goes with it, and nothing of the old peer stays. */
+	if (st->flags & MB_SK_CLOSED) {
+		bpf_map_delete_elem(&mb_senders, &st->self);
+		bpf_map_delete_elem(&mb_targets, &st->self);
+		st->flags &= ~MB_SK_CLOSED;
+	}
+	st->self = *key;
 	self.active = active;
-	self.dest_netns = remote_local ? netns : (remote_pod ? remote_pod->netns : 0);
+	self.dest_netns = dest_netns;
 
 	/* Classify: proxy sockets are the proxy UID's active ones and the
 	 * accepted ones on the pod's redirect ports. */
@@ -543,6 +555,15 @@ static __always_inline void on_established(struct bpf_sock_ops *skops, int activ
 		} else {
 			self.admitted = !(mb_adaptive_checks & MB_ADAPTIVE_LISTENER) ||
 					port_admits(netns, st->self.local_port);
+			/* The first sockets a port accepts stay out: their file,
+			 * read at their first packet (on_packet), says whether
+			 * the server accepts non-blocking ones (a Python server
+			 * with a timeout on its listener does not). */
+			if (!self.admitted && port_learns(netns, st->self.local_port)) {
+				st->flags |= MB_SK_LEARN;
+				bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
+							  BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG);
+			}
 		}
 	}
 	/* App sockets join the maps in `all`, when admitted in `adaptive`
@@ -555,59 +576,41 @@ static __always_inline void on_established(struct bpf_sock_ops *skops, int activ
 
 	/* Sockets that cannot have a tracked peer stay out entirely. */
 	if (!self.proxy && !apps_tracked && !self.admitted)
-		return;
-	if (!self.dest_netns && (!active || self.proxy))
-		return; /* off-node or unregistered peer (proxies are not redirected) */
+		return 0;
+	/* An off-node or unregistered peer: only an app's connection that the
+	 * pod's outbound REDIRECT may take to its own proxy can pair. */
+	if (!self.dest_netns && (!active || self.proxy || !pod->outbound_port))
+		return 0;
 	if (self.proxy && remote_local && !apps_tracked) {
 		/* Its peer is a local app, which stays out unless `adaptive`
 		 * admits it: an app accepting from the proxy needs a port that
 		 * admits; an app connecting to the proxy established first and
 		 * waits already (checked below). */
 		if (mode != MB_MODE_ADAPTIVE)
-			return;
+			return 0;
 		if (active && (mb_adaptive_checks & MB_ADAPTIVE_LISTENER) &&
 		    !port_admits(netns, st->self.remote_port))
-			return;
+			return 0;
 	}
 
-	/* write_seq while no byte went through TCP: the ISN + 1 (the active
-	 * side's bytes_acked counts its SYN and any SYN data acknowledged). A
-	 * send that began before the socket joined the maps (TCP Fast Open)
-	 * moves write_seq without sk_msg seeing it; sk_msg compares. */
-	st->seq0 = active ? snd_una - acked + 1 : snd_nxt;
-
-	/* The connection's name (struct mb_endpoint_key), from either end. */
-	if (active) {
-		ek.netns = netns;
-		__builtin_memcpy(ek.ip, st->self.local_ip, sizeof(ek.ip));
-		ek.port = st->self.local_port;
-		ek.seq_active = st->seq0;
-		ek.seq_passive = rcv_nxt - received;
-		ev.flags = MB_EP_ACTIVE;
-	} else {
-		ek.netns = self.dest_netns;
-		__builtin_memcpy(ek.ip, st->self.remote_ip, sizeof(ek.ip));
-		ek.port = st->self.remote_port;
-		ek.seq_active = rcv_nxt - received;
-		ek.seq_passive = snd_nxt;
-	}
+	st->seq0 = seq0;
 	ev.key = st->self;
 	ev.dest_netns = self.dest_netns;
-	ev.flags |= (self.can_receive ? MB_EP_TARGET : 0) | (self.can_send ? MB_EP_SENDER : 0) | self.ports |
-		    (self.proxy ? MB_EP_PROXY : 0);
+	ev.flags = (active ? MB_EP_ACTIVE : 0) | (self.can_receive ? MB_EP_TARGET : 0) | (self.can_send ? MB_EP_SENDER : 0) | self.ports |
+		    (self.proxy ? MB_EP_PROXY : 0) | (self.admitted ? MB_EP_ADAPTIVE : 0);
 
-	other = bpf_map_lookup_elem(&mb_endpoints, &ek);
+	other = bpf_map_lookup_elem(&mb_endpoints, ek);
 	if (!other) {
 		/* The active end establishes first (its callback runs before its
 		 * handshake ACK leaves); if it is not waiting, it is not tracked
 		 * and nothing will ever join a passive socket here. Only a TCP
 		 * Fast Open server establishes first: it stays on the stack. */
 		if (!active)
-			return;
+			return 1;
 		/* First end: wait, in the maps our own class allows. */
 		if (!join_maps(skops, st, self.can_receive, self.can_send))
-			return;
-		long err = bpf_map_update_elem(&mb_endpoints, &ek, &ev, BPF_NOEXIST);
+			return 0;
+		long err = bpf_map_update_elem(&mb_endpoints, ek, &ev, BPF_NOEXIST);
 
 		if (err) {
 			/* -EEXIST: the other end raced us in and waits itself;
@@ -615,27 +618,110 @@ static __always_inline void on_established(struct bpf_sock_ops *skops, int activ
 			 * stack. */
 			leave_maps(st);
 			count(err == -MB_EEXIST ? MB_CTR_PAIRS_REFUSED : MB_CTR_MAP_FULL, 1);
-			return;
+			return 0;
 		}
-		st->ep = ek;
-		st->flags |= MB_SK_TRACKED | MB_SK_EP_OWNER | (self.proxy ? MB_SK_PROXY : 0);
+		st->ep = *ek;
+		st->flags |= MB_SK_TRACKED | MB_SK_EP_OWNER | (self.proxy ? MB_SK_PROXY : 0) |
+			     (dest_netns ? 0 : MB_SK_WAIT_LOCAL);
 		track(skops, st, &self);
-		return;
+		return 1;
 	}
 	/* A copy: the entry can be deleted under us. */
 	first = *other;
 	if (first.flags & MB_EP_AMBIGUOUS) {
 		count(MB_CTR_PAIRS_REFUSED, 1);
-		return;
+		return 0;
 	}
 	if (((first.flags & MB_EP_ACTIVE) != 0) == (active != 0)) {
 		/* Two sockets claim one connection's name: nobody pairs on it
 		 * while the owner lives. */
 		other->flags |= MB_EP_AMBIGUOUS;
 		count(MB_CTR_PAIRS_REFUSED, 1);
-		return;
+		return 0;
 	}
-	join(skops, st, &self, &first, &ek);
+	return join(skops, st, &self, &first, ek);
+}
+
+/*
+ * A connected socket waits in the maps for its other end; when that end will
+ * not join (its passive end stays out: an app `adaptive` leaves out, an
+ * unexplained translation, full maps, a pod in `off`; or its peer is off-node
+ * and its pod's proxy did not accept it), it leaves the maps again, claiming
+ * the endpoint as a joiner would. Nothing was redirected into it (only a
+ * joiner writes a pair entry naming it). Staying would cost it more than
+ * speed: on this kernel a member's FIONREAD counts only redirected bytes, so
+ * the TCP bytes it receives would be invisible to FIONREAD, and nginx, which
+ * sizes its reads by FIONREAD, stalls on them.
+ */
+static __always_inline void decline(const struct mb_endpoint_key *ek)
+{
+	struct mb_endpoint *e = bpf_map_lookup_elem(&mb_endpoints, ek);
+	struct mb_sock_key waiting;
+
+	if (!e || !(e->flags & MB_EP_ACTIVE))
+		return;
+	waiting = e->key;
+	if (bpf_map_delete_elem(&mb_endpoints, ek))
+		return; /* claimed by a joiner, or the waiting end closed */
+	bpf_map_delete_elem(&mb_senders, &waiting);
+	bpf_map_delete_elem(&mb_targets, &waiting);
+}
+
+/*
+ * A socket of a registered pod has established: its key, where its peer
+ * lives and its connection's name, then what it does (establish); a passive
+ * socket that does not take its waiting active end declines it.
+ */
+static __always_inline void on_established(struct bpf_sock_ops *skops, int active)
+{
+	/* Every ctx field once, before any branch (see sock_key). */
+	__u32 snd_una = skops->snd_una, snd_nxt = skops->snd_nxt, rcv_nxt = skops->rcv_nxt;
+	__u32 acked = (__u32)skops->bytes_acked, received = (__u32)skops->bytes_received;
+	__u64 netns = bpf_get_netns_cookie(skops);
+	struct bpf_sock *sk = skops->sk;
+	struct mb_endpoint_key ek = {};
+	struct mb_sock_key key;
+	struct mb_pod *pod, *remote_pod;
+	__u32 remote_local, seq0;
+	__u64 dest_netns;
+
+	asm volatile("" ::: "memory");
+	if (!sk)
+		return;
+	pod = bpf_map_lookup_elem(&mb_netns, &netns);
+	if (!pod)
+		return;
+	if (!sock_key(skops, netns, &key))
+		return;
+
+	/* Where the remote end lives: this pod (loopback, its own IPs),
+	 * another registered pod, or somewhere we know nothing of. */
+	remote_pod = bpf_map_lookup_elem(&mb_pods, key.remote_ip);
+	remote_local = is_loopback(key.remote_ip) || (remote_pod && remote_pod->netns == netns);
+	dest_netns = remote_local ? netns : (remote_pod ? remote_pod->netns : 0);
+
+	/* write_seq while no byte went through TCP: the ISN + 1 (the active
+	 * side's bytes_acked counts its SYN and any SYN data acknowledged). A
+	 * send that began before the socket joined the maps (TCP Fast Open)
+	 * moves write_seq without sk_msg seeing it; sk_msg compares. */
+	seq0 = active ? snd_una - acked + 1 : snd_nxt;
+
+	/* The connection's name (struct mb_endpoint_key), from either end. */
+	if (active) {
+		ek.netns = netns;
+		__builtin_memcpy(ek.ip, key.local_ip, sizeof(ek.ip));
+		ek.port = key.local_port;
+		ek.seq_active = seq0;
+		ek.seq_passive = rcv_nxt - received;
+	} else {
+		ek.netns = dest_netns;
+		__builtin_memcpy(ek.ip, key.remote_ip, sizeof(ek.ip));
+		ek.port = key.remote_port;
+		ek.seq_active = rcv_nxt - received;
+		ek.seq_passive = seq0;
+	}
+	if (!establish(skops, sk, pod, &key, &ek, dest_netns, remote_local, seq0, active) && !active)
+		decline(&ek);
 }
 
 static __always_inline void on_close(struct bpf_sock_ops *skops)
@@ -657,9 +743,16 @@ static __always_inline void on_close(struct bpf_sock_ops *skops)
 			bpf_map_delete_elem(&mb_endpoints, &st->ep);
 	}
 	bpf_map_delete_elem(&mb_pairs, &st->self);
-	st->flags &= ~(MB_SK_TRACKED | MB_SK_EP_OWNER);
+	bpf_map_delete_elem(&mb_fed, &st->self);
 	release(st);
-	/* The kernel removes the socket from mb_senders and mb_targets itself. */
+	/* The connection is over, the socket may not be: disconnected with
+	 * connect(AF_UNSPEC), it can connect again. It forgets this connection
+	 * (its peer, stickiness, baseline) now, keeping only the UID its next
+	 * connect records anew. It stays in the maps: a socket that reached
+	 * CLOSE from FIN-WAIT-2 or by a reset still reads what was redirected
+	 * into it; a new connection takes it out first (on_established). */
+	st->flags = (st->flags & MB_SK_HAVE_UID) | MB_SK_CLOSED;
+	st->target = 0;
 }
 
 /* listen(): `adaptive` notes whether the listener's file is non-blocking,
@@ -694,13 +787,33 @@ static __always_inline void on_listen(struct bpf_sock_ops *skops)
 		count(MB_CTR_MAP_FULL, 1);
 }
 
+/* What an accepted socket's file says of its port (MB_SK_LEARN). */
+static __always_inline void learn(struct bpf_sock_ops *skops, struct bpf_sock *sk, struct mb_sk_state *st)
+{
+	struct mb_port_key pk = {.netns = st->self.netns, .port = st->self.local_port};
+	int nb = file_nonblocking(kernel_sock(sk));
+	struct mb_port *p;
+
+	if (nb < 0)
+		return; /* not accepted yet (an ACK before accept()): next packet */
+	p = bpf_map_lookup_elem(&mb_ports, &pk);
+	/* Flags only accumulate (not one atomic step: two learners at once
+	 * can lose a bit; a veto lost here is set again by the send guard). */
+	if (p)
+		p->flags |= nb ? MB_PORT_ACCEPTED_NONBLOCK : MB_PORT_ACCEPTED_BLOCKING;
+	st->flags &= ~MB_SK_LEARN;
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags & ~BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG);
+}
+
 /* A packet of an admitted app socket is about to leave. If its file turned
  * blocking (sk_msg marked it), it leaves the maps: first as a redirect
- * target (its peer's next redirect fails and goes to TCP), then, once it has
- * read every byte redirected into it (deleting it drops its redirect queue),
- * altogether, which puts its plain TCP functions back. The packet is usually
- * the one its own send put on the stack, so this happens inside that send,
- * before its next read. */
+ * target (its peer's next redirect fails and goes to TCP), then altogether,
+ * which puts its plain TCP functions back; the packet is usually the one its
+ * own send put on the stack, so this happens inside that send, before its
+ * next read. Not a socket a peer ever redirected into: a redirect chosen
+ * before the first step may still be on its way, and dropping the socket
+ * drops its redirect queue with it. Such a socket stays a member (no more
+ * data is redirected into it; its blocking reads keep the hazard, DESIGN.md). */
 static __always_inline void on_packet(struct bpf_sock_ops *skops)
 {
 	struct bpf_sock *sk = skops->sk;
@@ -709,14 +822,40 @@ static __always_inline void on_packet(struct bpf_sock_ops *skops)
 	if (!sk)
 		return;
 	st = bpf_sk_storage_get(&mb_sk_state, sk, 0, 0);
-	if (!st || !(st->flags & MB_SK_EVICT))
+	if (!st)
+		return;
+	if (st->flags & MB_SK_WAIT_LOCAL) {
+		/* Its first packet completes the handshake: the pod's proxy
+		 * accepts it (and joins) when that packet arrives, before this
+		 * socket's second packet leaves. Still waiting then: its peer
+		 * is off-node and nothing will join it (decline). */
+		if (!(st->flags & MB_SK_FIRST_SENT)) {
+			st->flags |= MB_SK_FIRST_SENT;
+			return;
+		}
+		st->flags &= ~(MB_SK_WAIT_LOCAL | MB_SK_FIRST_SENT);
+		decline(&st->ep);
+		if (!(st->flags & MB_SK_ADAPTIVE))
+			bpf_sock_ops_cb_flags_set(skops,
+						  skops->bpf_sock_ops_cb_flags & ~BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG);
+	}
+	if (st->flags & MB_SK_LEARN) {
+		learn(skops, sk, st);
+		return;
+	}
+	if (!(st->flags & MB_SK_EVICT))
 		return;
 	if (st->flags & MB_SK_IN_TARGETS) {
 		bpf_map_delete_elem(&mb_targets, &st->self);
 		st->flags &= ~MB_SK_IN_TARGETS;
 	}
-	if ((mb_adaptive_checks & MB_ADAPTIVE_DRAINED) && unread_redirected(kernel_sock(sk)) != 0)
+	/* After leaving mb_targets: a peer marks mb_fed before its redirect. */
+	if ((mb_adaptive_checks & MB_ADAPTIVE_FED) &&
+	    (bpf_map_lookup_elem(&mb_fed, &st->self) || unread_redirected(kernel_sock(sk)) != 0)) {
+		st->flags &= ~MB_SK_EVICT;
+		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags & ~BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG);
 		return;
+	}
 	bpf_map_delete_elem(&mb_senders, &st->self);
 	st->flags &= ~(MB_SK_EVICT | MB_SK_ADAPTIVE);
 	release(st);
@@ -952,6 +1091,18 @@ int mb_sk_msg(struct sk_msg_md *msg)
 	pair = bpf_map_lookup_elem(&mb_pairs, &st->self);
 	if (!pair)
 		return pass(st, size);
+	/* Before the first redirect into an `adaptive` app socket, mark it fed:
+	 * it then never drops out of the maps with this message on its way
+	 * (it leaves mb_targets first, then looks here: see on_packet). */
+	if ((pair->flags & MB_PAIR_PEER_ADAPTIVE) && !(st->flags & MB_SK_FED_PEER)) {
+		__u32 one = 1;
+
+		if (bpf_map_update_elem(&mb_fed, &pair->peer, &one, BPF_ANY)) {
+			count(MB_CTR_MAP_FULL, 1);
+			return pass(st, size);
+		}
+		st->flags |= MB_SK_FED_PEER;
+	}
 	/* bpf_msg_redirect_hash returns SK_DROP when the peer is not in mb_targets:
 	 * then this message, and the direction, go through the stack. The key
 	 * carries the peer's socket cookie: only that very socket matches. */

@@ -33,8 +33,9 @@ pub const ADAPTIVE_CONNECTED: u32 = header::MB_ADAPTIVE_CONNECTED;
 pub const ADAPTIVE_LISTENER: u32 = header::MB_ADAPTIVE_LISTENER;
 /// `MB_ADAPTIVE_SEND`: a send that finds the file blocking evicts the socket.
 pub const ADAPTIVE_SEND: u32 = header::MB_ADAPTIVE_SEND;
-/// `MB_ADAPTIVE_DRAINED`: eviction waits until every redirected byte was read.
-pub const ADAPTIVE_DRAINED: u32 = header::MB_ADAPTIVE_DRAINED;
+/// `MB_ADAPTIVE_FED`: a socket a peer redirected into, or with unread
+/// redirected bytes, is never dropped from the maps.
+pub const ADAPTIVE_FED: u32 = header::MB_ADAPTIVE_FED;
 
 /// `MB_KERNEL_PROBED`: a selftest verdict was recorded.
 pub const KERNEL_PROBED: u32 = header::MB_KERNEL_PROBED;
@@ -164,7 +165,9 @@ pub struct Pod {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PodSockets {
     pub count: u32,
-    pub pad: u32,
+    /// This registration's generation: sockets counted under an earlier
+    /// one do not uncount here.
+    pub generation: u32,
 }
 
 /// `struct mb_port_key`: a listening port of a pod (`adaptive`).
@@ -217,6 +220,9 @@ pub struct SkState {
     pub seq0: u32,
     /// Kernel address of the peer socket while a direction may resume.
     pub target: u64,
+    /// `mb_pod_sockets.gen` when the socket was counted.
+    pub budget_gen: u32,
+    pub pad: u32,
 }
 
 const _: () = assert!(size_of::<Addr>() == 16);
@@ -228,7 +234,7 @@ const _: () = assert!(size_of::<Pod>() == 24);
 const _: () = assert!(size_of::<PortKey>() == 16);
 const _: () = assert!(size_of::<Port>() == 8);
 const _: () = assert!(size_of::<Config>() == 24);
-const _: () = assert!(size_of::<SkState>() == 176);
+const _: () = assert!(size_of::<SkState>() == 184);
 
 // SAFETY: plain `#[repr(C)]` data without padding holes the kernel reads;
 // every field is an integer, so every bit pattern is valid.

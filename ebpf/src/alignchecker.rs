@@ -56,9 +56,9 @@ fn mirrors() -> Vec<(&'static str, &'static str, Layout)> {
         mirror!(Pod = "mb_pod" { netns, proxy_uid, proxy_gid, outbound_port, inbound_port, mode, flags, pad }),
         mirror!(PortKey = "mb_port_key" { netns, port, pad0, pad1 }),
         mirror!(Port = "mb_port" { flags, pad }),
-        mirror!(PodSockets = "mb_pod_sockets" { count, pad }),
+        mirror!(PodSockets = "mb_pod_sockets" { count, generation }),
         mirror!(Config = "mb_config" { layout_version, kernel_flags, probed_at, object_hash }),
-        mirror!(SkState = "mb_sk_state" { self_key => "self", peer, ep, uid, gid, flags, seq0, target }),
+        mirror!(SkState = "mb_sk_state" { self_key => "self", peer, ep, uid, gid, flags, seq0, target, budget_gen, pad }),
         mirror!(CounterBlock = "mb_counters" { v }),
     ]
 }

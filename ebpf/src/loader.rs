@@ -20,7 +20,7 @@ use log::{debug, info};
 use crate::{
     OBJECT,
     abi::{
-        ADAPTIVE_CONNECTED, ADAPTIVE_DRAINED, ADAPTIVE_LISTENER, ADAPTIVE_SEND, Config, DRAIN_RECEIVER_READ,
+        ADAPTIVE_CONNECTED, ADAPTIVE_FED, ADAPTIVE_LISTENER, ADAPTIVE_SEND, Config, DRAIN_RECEIVER_READ,
         DRAIN_SENDER_ACKED, LAYOUT_VERSION,
     },
     bpffs::{self, BpffsError, RootLock},
@@ -124,7 +124,7 @@ impl Default for LoadOptions {
     fn default() -> Self {
         Self {
             drain_checks: DRAIN_SENDER_ACKED | DRAIN_RECEIVER_READ,
-            adaptive_checks: ADAPTIVE_CONNECTED | ADAPTIVE_LISTENER | ADAPTIVE_SEND | ADAPTIVE_DRAINED,
+            adaptive_checks: ADAPTIVE_CONNECTED | ADAPTIVE_LISTENER | ADAPTIVE_SEND | ADAPTIVE_FED,
             socket_capacity: DEFAULT_SOCKET_CAPACITY,
             pod_socket_budget: DEFAULT_SOCKET_CAPACITY / 4,
         }

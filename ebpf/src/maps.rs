@@ -58,6 +58,7 @@ pub struct NodeMaps {
     pub(crate) endpoints: HashMap<MapData, EndpointKey, Endpoint>,
     pub(crate) ports: HashMap<MapData, PortKey, Port>,
     pub(crate) pod_sockets: HashMap<MapData, u64, PodSockets>,
+    pub(crate) fed: HashMap<MapData, SockKey, u32>,
     pub(crate) config: Array<MapData, Config>,
     pub(crate) counters: PerCpuArray<MapData, CounterBlock>,
     /// `mb_senders`: sockets whose sends may be redirected.
@@ -147,6 +148,7 @@ impl NodeMaps {
             endpoints: open_map(pins, pins::MAP_ENDPOINTS)?,
             ports: open_map(pins, pins::MAP_PORTS)?,
             pod_sockets: open_map(pins, pins::MAP_POD_SOCKETS)?,
+            fed: open_map(pins, pins::MAP_FED)?,
             config: open_map(pins, pins::MAP_CONFIG)?,
             counters: open_map(pins, pins::MAP_COUNTERS)?,
             senders: open_map(pins, pins::MAP_SENDERS)?,

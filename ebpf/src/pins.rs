@@ -23,6 +23,8 @@ pub const MAP_NETNS: &str = "mb_netns";
 pub const MAP_CONFIG: &str = "mb_config";
 /// (netns, listening port) -> what `adaptive` knows of the sockets accepted there.
 pub const MAP_PORTS: &str = "mb_ports";
+/// `adaptive` socket -> a peer redirected into it.
+pub const MAP_FED: &str = "mb_fed";
 /// netns cookie -> how many of the pod's sockets are tracked (its budget).
 pub const MAP_POD_SOCKETS: &str = "mb_pod_sockets";
 /// Per-CPU counters.
@@ -32,7 +34,7 @@ pub const MAP_SK_STATE: &str = "mb_sk_state";
 
 /// Every map, pinned by name by the loader (`LIBBPF_PIN_BY_NAME`: the
 /// name is the C variable's, see `bpf/include/meshbypass_maps.h`).
-pub const MAPS: [&str; 11] = [
+pub const MAPS: [&str; 12] = [
     MAP_SENDERS,
     MAP_TARGETS,
     MAP_PAIRS,
@@ -44,6 +46,7 @@ pub const MAPS: [&str; 11] = [
     MAP_SK_STATE,
     MAP_PORTS,
     MAP_POD_SOCKETS,
+    MAP_FED,
 ];
 
 /// Program names in the ELF object, pinned under `progs/`.

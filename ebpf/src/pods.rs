@@ -98,6 +98,14 @@ fn remove_keys<K: aya::Pod, V: aya::Pod>(
     Ok(n)
 }
 
+/// A new registration's generation for its socket count (different from
+/// the last one's with all but certainty: nanoseconds of the clock).
+fn registration_generation() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.subsec_nanos() ^ (d.as_secs() as u32).rotate_left(16))
+}
+
 /// Removes every entry of `map` for which `doomed(key, value)`; returns
 /// how many went.
 fn remove_where<K: aya::Pod, V: aya::Pod>(
@@ -134,7 +142,10 @@ impl NodeMaps {
         // mode, a retried ADD) keeps the sockets it already counts.
         match self.pod_sockets.insert(
             pod.netns_cookie,
-            PodSockets::default(),
+            PodSockets {
+                count: 0,
+                generation: registration_generation(),
+            },
             u64::from(aya_obj::generated::BPF_NOEXIST),
         ) {
             Ok(()) => {}
@@ -184,6 +195,11 @@ impl NodeMaps {
         remove_keys(&mut self.pod_sockets, [netns_cookie], |c| {
             format!("socket count of netns {c}")
         })?;
+        remove_where(
+            &mut self.fed,
+            |k, _| k.netns == netns_cookie,
+            |_| "a fed mark".into(),
+        )?;
         Ok(Removed {
             netns,
             ips,

@@ -127,6 +127,19 @@ impl Bed {
     }
 }
 
+/// `adaptive` learns what a port accepts from the first socket accepted
+/// there, which stays out of the maps: one throwaway connection from
+/// `client` to `server`'s non-blocking `listener` at `addr`, a byte from the
+/// server (its packet carries the lesson), both ends closed.
+pub fn teach(client: &mut Script, server: &mut Script, listener: &str, addr: &str) {
+    client.ok(&format!("connect teach {addr} nonblock"));
+    server.ok(&format!("accept teach {listener} nonblock"));
+    server.ok("send teach HELLO. 1");
+    client.ok("expect teach HELLO. 1");
+    client.ok("close teach");
+    server.ok("close teach");
+}
+
 /// An `mb-peer script` process: named sockets, one command per line.
 pub struct Script {
     pub peer: Peer,

@@ -33,7 +33,9 @@
 #define MB_ADAPTIVE_CONNECTED (1u << 0) /* a connected app socket is admitted only if non-blocking */
 #define MB_ADAPTIVE_LISTENER (1u << 1)  /* an accepted one only if its listener was non-blocking */
 #define MB_ADAPTIVE_SEND (1u << 2)      /* a send that finds the file blocking evicts the socket */
-#define MB_ADAPTIVE_DRAINED (1u << 3)   /* eviction waits until every redirected byte was read */
+#define MB_ADAPTIVE_FED (1u << 3)       /* a socket a peer redirected into (maybe with a message
+					 * still on its way) or with unread redirected bytes is
+					 * never dropped from the maps */
 
 /* mb_config.kernel_flags */
 #define MB_KERNEL_PROBED (1u << 0)   /* a selftest verdict was recorded */
@@ -125,6 +127,7 @@ struct mb_endpoint_key {
 #define MB_EP_PROXY (1u << 4)         /* the waiting socket is the sidecar proxy's */
 #define MB_EP_SENDER (1u << 5)        /* it is in mb_senders: its sends may be redirected */
 #define MB_EP_INBOUND_PORT (1u << 6)  /* passive, on its pod's inbound proxy port */
+#define MB_EP_ADAPTIVE (1u << 7)      /* an app socket `adaptive` admitted */
 
 /* The first of two sockets to establish, waiting for its other end. */
 struct mb_endpoint {
@@ -137,6 +140,7 @@ struct mb_endpoint {
 /* mb_pair.flags */
 #define MB_PAIR_NAT (1u << 0)
 #define MB_PAIR_PEER_PROXY (1u << 1) /* the receiving end is the sidecar proxy's socket */
+#define MB_PAIR_PEER_ADAPTIVE (1u << 2) /* ... an app socket `adaptive` admitted (mark it fed) */
 
 /* A socket's paired peer: present only for directions allowed to redirect. */
 struct mb_pair {
@@ -179,6 +183,13 @@ struct mb_config {
 #define MB_SK_EVICT (1u << 10)     /* ... and its file turned blocking: it leaves the maps */
 #define MB_SK_PASSIVE (1u << 11)   /* it was accepted (else it connected) */
 #define MB_SK_COUNTED (1u << 12)   /* it counts against its pod's socket budget */
+#define MB_SK_FED_PEER (1u << 13)  /* it marked its `adaptive` peer fed (mb_fed) */
+#define MB_SK_CLOSED (1u << 15)    /* its connection closed; it may connect again */
+#define MB_SK_LEARN (1u << 14)     /* an accepted app socket whose file `adaptive` reads at its
+				    * first packet, to learn what its port accepts */
+#define MB_SK_WAIT_LOCAL (1u << 16) /* waits with an off-node peer: only its pod's proxy, through
+				    * the outbound REDIRECT, can join it, before its second packet */
+#define MB_SK_FIRST_SENT (1u << 17) /* ... and its first packet (the handshake's last) left */
 
 /* Per-socket state (socket local storage). */
 struct mb_sk_state {
@@ -190,6 +201,8 @@ struct mb_sk_state {
 	__u32 flags; /* MB_SK_* */
 	__u32 seq0;  /* write_seq while no byte of this socket went through TCP */
 	__u64 target; /* kernel address of the peer socket, kept while MB_SK_RESUMABLE */
+	__u32 budget_gen; /* mb_pod_sockets.gen when it was counted */
+	__u32 pad;
 };
 
 /* How many of a pod's sockets are tracked: one pod may use at most
@@ -197,7 +210,8 @@ struct mb_sk_state {
  * the stack). Value of mb_pod_sockets, by netns cookie. */
 struct mb_pod_sockets {
 	__u32 count;
-	__u32 pad;
+	__u32 generation; /* this registration's: a socket counted under an earlier one
+		    * (the pod was DELeted and ADDed again) does not uncount here */
 };
 
 /* A listening port of a pod, as `adaptive` judges the sockets accepted on
@@ -212,6 +226,7 @@ struct mb_port_key {
 /* mb_port.flags */
 #define MB_PORT_LISTENER_NONBLOCK (1u << 0) /* every listener on it was non-blocking at listen() */
 #define MB_PORT_ACCEPTED_BLOCKING (1u << 1) /* an accepted socket turned out blocking: admit none */
+#define MB_PORT_ACCEPTED_NONBLOCK (1u << 2) /* an accepted socket was seen non-blocking (learned) */
 
 struct mb_port {
 	__u32 flags; /* MB_PORT_* */
@@ -294,6 +309,18 @@ struct {
 	__type(value, struct mb_pod_sockets);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } mb_pod_sockets SEC(".maps");
+
+/* `adaptive` socket -> a peer has redirected into it. Written by the peer's
+ * sk_msg before its first redirect into it, read by sockops before it
+ * drops the socket from the maps (never a fed one: a redirect may still be
+ * on its way), deleted at its close and with its pod (DEL). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct mb_sock_key);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mb_fed SEC(".maps");
 
 /* (netns, port) -> what `adaptive` knows of the sockets accepted there.
  * Written by sockops at listen() and by sk_msg when an admitted accepted

@@ -31,6 +31,7 @@
 //!   peek NAME N                              recv(MSG_PEEK) of up to N bytes, waiting -> ok TEXT
 //!   recv_waitall NAME N                      one blocking recv(MSG_WAITALL) -> ok BYTES MS ms TEXT | err
 //!   recv_once NAME N                         one blocking recv()       -> ok BYTES MS ms TEXT | err
+//!   inq NAME                                 FIONREAD                  -> ok BYTES
 //!   rcvlowat NAME N                          SO_RCVLOWAT
 //!   repair_seqs NAME                         TCP_REPAIR: write_seq and rcv_nxt -> ok SND RCV
 //!   repair_connect NAME ADDR BIND SND RCV    a TCP_REPAIR socket bound to BIND, its queues at
@@ -573,6 +574,15 @@ fn step(socks: &mut HashMap<String, Sock>, w: &[&str]) -> anyhow::Result<String>
                 t0.elapsed().as_millis(),
                 show(&b[..k as usize])
             ))
+        }
+        ["inq", name] => {
+            let s = stream(socks, name)?;
+            let mut n: libc::c_int = 0;
+            // SAFETY: FIONREAD writes one int.
+            if unsafe { libc::ioctl(s.as_raw_fd(), libc::FIONREAD, &mut n) } != 0 {
+                return Err(io::Error::last_os_error()).context("FIONREAD");
+            }
+            Ok(format!("ok {n}"))
         }
         ["rcvlowat", name, n] => {
             let s = stream(socks, name)?;

@@ -459,27 +459,31 @@ static __always_inline int join(struct bpf_sock_ops *skops, struct mb_sk_state *
 	return 1;
 }
 
-/* Whether `adaptive` admits sockets accepted on this port of the pod: every
- * listener on it was non-blocking at listen(), and none it accepted turned
- * out blocking. */
-static __always_inline int port_admits(__u64 netns, __u16 port)
+/* What `adaptive` knows of the sockets accepted on a port of a pod
+ * (MB_PORT_*), 0 when nothing listened there. */
+static __always_inline __u32 port_flags(__u64 netns, __u16 port)
 {
 	struct mb_port_key pk = {.netns = netns, .port = port};
 	struct mb_port *p = bpf_map_lookup_elem(&mb_ports, &pk);
 
-	return p && (p->flags & MB_PORT_LISTENER_NONBLOCK) && (p->flags & MB_PORT_ACCEPTED_NONBLOCK) &&
-	       !(p->flags & MB_PORT_ACCEPTED_BLOCKING);
+	return p ? p->flags : 0;
 }
 
-/* Whether an accepted socket on this port should teach `adaptive` what the
- * port accepts: its listeners are non-blocking, nothing was learned yet. */
-static __always_inline int port_learns(__u64 netns, __u16 port)
-{
-	struct mb_port_key pk = {.netns = netns, .port = port};
-	struct mb_port *p = bpf_map_lookup_elem(&mb_ports, &pk);
+#define MB_PORT_KNOWN (MB_PORT_LISTENER_NONBLOCK | MB_PORT_ACCEPTED_NONBLOCK | MB_PORT_ACCEPTED_BLOCKING)
 
-	return p && (p->flags & MB_PORT_LISTENER_NONBLOCK) &&
-	       !(p->flags & (MB_PORT_ACCEPTED_NONBLOCK | MB_PORT_ACCEPTED_BLOCKING));
+/* Whether `adaptive` admits sockets accepted on a port with these flags:
+ * every listener on it was non-blocking at listen(), a socket accepted there
+ * was seen non-blocking, and none turned out blocking. */
+static __always_inline int port_admits(__u32 flags)
+{
+	return (flags & MB_PORT_KNOWN) == (MB_PORT_LISTENER_NONBLOCK | MB_PORT_ACCEPTED_NONBLOCK);
+}
+
+/* Whether an accepted socket on such a port should teach `adaptive` what
+ * the port accepts: its listeners are non-blocking, nothing was learned yet. */
+static __always_inline int port_learns(__u32 flags)
+{
+	return (flags & MB_PORT_KNOWN) == MB_PORT_LISTENER_NONBLOCK;
 }
 
 /*
@@ -553,13 +557,14 @@ static __always_inline int establish(struct bpf_sock_ops *skops, struct bpf_sock
 			self.admitted = !(mb_adaptive_checks & MB_ADAPTIVE_CONNECTED) ||
 					file_nonblocking(kernel_sock(sk)) == 1;
 		} else {
-			self.admitted = !(mb_adaptive_checks & MB_ADAPTIVE_LISTENER) ||
-					port_admits(netns, st->self.local_port);
+			__u32 pf = port_flags(netns, st->self.local_port);
+
+			self.admitted = !(mb_adaptive_checks & MB_ADAPTIVE_LISTENER) || port_admits(pf);
 			/* The first sockets a port accepts stay out: their file,
 			 * read at their first packet (on_packet), says whether
 			 * the server accepts non-blocking ones (a Python server
 			 * with a timeout on its listener does not). */
-			if (!self.admitted && port_learns(netns, st->self.local_port)) {
+			if (!self.admitted && port_learns(pf)) {
 				st->flags |= MB_SK_LEARN;
 				bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
 							  BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG);
@@ -589,7 +594,7 @@ static __always_inline int establish(struct bpf_sock_ops *skops, struct bpf_sock
 		if (mode != MB_MODE_ADAPTIVE)
 			return 0;
 		if (active && (mb_adaptive_checks & MB_ADAPTIVE_LISTENER) &&
-		    !port_admits(netns, st->self.remote_port))
+		    !port_admits(port_flags(netns, st->self.remote_port)))
 			return 0;
 	}
 

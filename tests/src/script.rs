@@ -2,7 +2,7 @@
 //! pods on a veth pair with the bypass attached, and `mb-peer script`
 //! processes in them (named sockets driven one command at a time).
 
-use meshbypass_ebpf::{LoadOptions, Mode, counters::Counters};
+use meshbypass_ebpf::{Counter, LoadOptions, Mode, counters::Counters};
 
 use crate::{
     A_V4, A_V6, B_V4, B_V6, BpfRoot, Cgroup, Netns, Peer, Place, PodPair, fixtures::kernel_verdict,
@@ -83,22 +83,9 @@ impl Bed {
 
     /// A script peer in pod `a` or `b`, as `uid` (None: root, an app).
     pub fn script(&self, pod: char, uid: Option<u32>) -> Script {
-        let (ns, cg) = match pod {
-            'a' => (&self.pods.a, &self.cg_a),
-            'b' => (&self.pods.b, &self.cg_b),
-            _ => panic!("pod a or b"),
-        };
         let who = format!("{pod}{}", if uid == Some(1337) { "-proxy" } else { "-app" });
         Script {
-            peer: Peer::spawn(
-                &Place {
-                    ns,
-                    cgroup: &cg.path,
-                    uid,
-                },
-                "script",
-                &["--deadline-ms", "3000"],
-            ),
+            peer: Peer::spawn(&self.place(pod, uid), "script", &["--deadline-ms", "3000"]),
             who,
         }
     }
@@ -115,15 +102,36 @@ impl Bed {
 
     /// Pod `a` or `b`'s network namespace.
     pub fn ns(&self, pod: char) -> &Netns {
-        match pod {
-            'a' => &self.pods.a,
-            'b' => &self.pods.b,
-            _ => panic!("pod a or b"),
-        }
+        self.place(pod, None).ns
     }
 
     pub fn counters(&self) -> Counters {
         self.root().counters()
+    }
+
+    /// Pod B's proxy (UID 1337) listening on 15006 behind pod B's inbound
+    /// redirect of 8080, and a client in pod A as `uid` connected to
+    /// B:8080: `c`, accepted as `s`. Returns (proxy, client).
+    pub fn proxy_leg(&self, uid: Option<u32>) -> (Script, Script) {
+        self.inbound_redirect("8080");
+        let mut proxy = self.script('b', Some(1337));
+        let mut client = self.script('a', uid);
+        proxy.ok("listen l 0.0.0.0:15006");
+        client.ok(&format!("connect c {B_V4}:8080"));
+        proxy.ok("accept s l");
+        (proxy, client)
+    }
+
+    /// `client` starts writing 600000 "FLOOD." (3.6 MB) on `c` into a
+    /// proxy that reads nothing yet: over the receive bound, then TCP until
+    /// the proxy's window is full (the write blocks there). Returns once the
+    /// bound acted; the client's reply to its write is still to be read.
+    pub fn flood_past_the_bound(&self, client: &mut Script) {
+        let c0 = self.counters();
+        client.peer.send_line("send c FLOOD. 600000");
+        crate::wait_for("the bound to act", std::time::Duration::from_secs(10), || {
+            self.counters().get(Counter::ReceiverFull) > c0.get(Counter::ReceiverFull)
+        });
     }
 }
 

@@ -362,19 +362,9 @@ fn istio_passthrough_sources_pair_in_both_families() {
 #[test]
 fn a_full_proxy_receiver_resumes_only_after_both_paths_drained() {
     let bed = Bed::new(Mode::All);
-    bed.inbound_redirect("8080");
-    let mut proxy = bed.script('b', Some(1337));
-    let mut app = bed.script('a', None);
-    proxy.ok("listen l 0.0.0.0:15006");
-    app.ok(&format!("connect c {B_V4}:8080"));
-    proxy.ok("accept s l");
+    let (mut proxy, mut app) = bed.proxy_leg(None);
     let c0 = bed.counters();
-    // 3.6 MB into a proxy that reads nothing yet: over the bound, then TCP
-    // until the proxy's window is full (the write blocks there).
-    app.peer.send_line("send c FLOOD. 600000");
-    wait_for("the bound to act", Duration::from_secs(10), || {
-        bed.counters().get(Counter::ReceiverFull) > c0.get(Counter::ReceiverFull)
-    });
+    bed.flood_past_the_bound(&mut app);
     proxy.ok("expect s FLOOD. 600000");
     assert_eq!(app.peer.line(Duration::from_secs(30)), "ok 3600000");
     let c1 = bed.counters();
@@ -430,17 +420,8 @@ fn a_full_proxy_receiver_resumes_only_after_both_paths_drained() {
 /// removed, the flood itself can reorder).
 fn flood_a_proxy(options: &LoadOptions) -> Result<(Bed, Script, Script), String> {
     let bed = Bed::with_options(Mode::All, options);
-    bed.inbound_redirect("8080");
-    let mut proxy = bed.script('b', Some(1337));
-    let mut app = bed.script('a', None);
-    proxy.ok("listen l 0.0.0.0:15006");
-    app.ok(&format!("connect c {B_V4}:8080"));
-    proxy.ok("accept s l");
-    let c0 = bed.counters();
-    app.peer.send_line("send c FLOOD. 600000");
-    wait_for("the bound to act", Duration::from_secs(10), || {
-        bed.counters().get(Counter::ReceiverFull) > c0.get(Counter::ReceiverFull)
-    });
+    let (mut proxy, mut app) = bed.proxy_leg(None);
+    bed.flood_past_the_bound(&mut app);
     let flood = proxy.ask("expect s FLOOD. 599000");
     if flood != "ok" {
         return Err(format!("the flood: {flood}"));

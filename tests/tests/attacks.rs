@@ -86,6 +86,16 @@ fn answer_then_eof() -> String {
 /// Every mode the attacks run in: `off` is the control (plain TCP).
 const MODES: [Mode; 4] = [Mode::Off, Mode::All, Mode::ProxyOnly, Mode::Auto];
 
+/// Runs an attack in every mode ([`MODES`]): `failed` says what went wrong
+/// in one mode (None: it held). Fails with `what` and every mode's failure.
+fn in_every_mode(what: &str, mut failed: impl FnMut(Mode) -> Option<String>) {
+    let failures: Vec<String> = MODES
+        .into_iter()
+        .filter_map(|mode| failed(mode).map(|f| format!("{}: {f}", mode.as_str())))
+        .collect();
+    assert!(failures.is_empty(), "{what}: {failures:#?}");
+}
+
 /// Invariant 1 ("never lose a byte") at the end of a connection. A client
 /// half-closes after its request (shutdown(SHUT_WR): HTTP/1.0 clients, `nc
 /// -N`, RPC framings), the server answers and closes. TCP keeps the answer
@@ -117,17 +127,9 @@ fn half_close_then_answer(mode: Mode) -> String {
 #[test]
 fn an_answer_to_a_half_closed_client_is_never_lost() {
     let want = answer_then_eof();
-    let mut failures = Vec::new();
-    for mode in MODES {
-        let got = half_close_then_answer(mode);
-        if got != want {
-            failures.push(format!("{}: {got}", mode.as_str()));
-        }
-    }
-    assert!(
-        failures.is_empty(),
-        "the answer (700 bytes, then EOF) was lost: {failures:#?}"
-    );
+    in_every_mode("the answer (700 bytes, then EOF) was lost", |mode| {
+        Some(half_close_then_answer(mode)).filter(|got| *got != want)
+    });
 }
 
 /// The same loss on the other closing path: the server answers and closes
@@ -158,17 +160,9 @@ fn last_ack_then_read(mode: Mode) -> String {
 #[test]
 fn an_answer_read_after_last_ack_is_never_lost() {
     let want = answer_then_eof();
-    let mut failures = Vec::new();
-    for mode in MODES {
-        let got = last_ack_then_read(mode);
-        if got != want {
-            failures.push(format!("{}: {got}", mode.as_str()));
-        }
-    }
-    assert!(
-        failures.is_empty(),
-        "the answer (700 bytes, then EOF) was lost: {failures:#?}"
-    );
+    in_every_mode("the answer (700 bytes, then EOF) was lost", |mode| {
+        Some(last_ack_then_read(mode)).filter(|got| *got != want)
+    });
 }
 
 /// A server answers and then aborts (SO_LINGER 0: a reset). TCP keeps what
@@ -190,17 +184,9 @@ fn answer_then_reset(mode: Mode) -> String {
 
 #[test]
 fn an_answer_sent_before_a_reset_is_never_lost() {
-    let mut failures = Vec::new();
-    for mode in MODES {
-        let got = answer_then_reset(mode);
-        if !got.starts_with("ok 700 ") {
-            failures.push(format!("{}: {got}", mode.as_str()));
-        }
-    }
-    assert!(
-        failures.is_empty(),
-        "the answer sent before the reset was lost: {failures:#?}"
-    );
+    in_every_mode("the answer sent before the reset was lost", |mode| {
+        Some(answer_then_reset(mode)).filter(|got| !got.starts_with("ok 700 "))
+    });
 }
 
 /// shutdown(SHUT_WR), then a write: TCP refuses it (EPIPE) and the peer
@@ -224,17 +210,11 @@ fn write_after_shutdown(mode: Mode) -> (String, String) {
 
 #[test]
 fn a_write_after_shutdown_fails_and_never_follows_eof() {
-    let mut failures = Vec::new();
-    for mode in MODES {
+    in_every_mode("a write after SHUT_WR", |mode| {
         let (wrote, seen) = write_after_shutdown(mode);
-        if !wrote.contains("Broken pipe") || !(seen == "ok" || seen == "ok eof") {
-            failures.push(format!(
-                "{}: write -> {wrote:?}, server then -> {seen:?}",
-                mode.as_str()
-            ));
-        }
-    }
-    assert!(failures.is_empty(), "a write after SHUT_WR: {failures:#?}");
+        (!wrote.contains("Broken pipe") || !(seen == "ok" || seen == "ok eof"))
+            .then(|| format!("write -> {wrote:?}, server then -> {seen:?}"))
+    });
 }
 
 /// Urgent data. send("XYZU", MSG_OOB): TCP delivers "XYZ" in band and "U"
@@ -267,18 +247,15 @@ fn urgent_data(mode: Mode) -> (String, String, String) {
 #[test]
 #[ignore = "kernel limit: redirected data ignores MSG_OOB (RELIABILITY.md, hazard 12)"]
 fn urgent_data_stays_out_of_band() {
-    let mut failures = Vec::new();
-    for mode in MODES {
+    in_every_mode("urgent data", |mode| {
         let (inband, oob, first) = urgent_data(mode);
-        if inband != "ok XYZ ok" || !oob.contains("Invalid argument") || first != "ok" {
-            failures.push(format!(
-                "{}: recv(MSG_OOB) with none pending {oob:?}, then in band {first:?}; \
-                 after send(XYZU, MSG_OOB) in band {inband:?}",
-                mode.as_str()
-            ));
-        }
-    }
-    assert!(failures.is_empty(), "urgent data: {failures:#?}");
+        (inband != "ok XYZ ok" || !oob.contains("Invalid argument") || first != "ok").then(|| {
+            format!(
+                "recv(MSG_OOB) with none pending {oob:?}, then in band {first:?}; \
+                 after send(XYZU, MSG_OOB) in band {inband:?}"
+            )
+        })
+    });
 }
 
 /// `meshbypass-node unload` (or `uninstall`) while pods run: bytes already
@@ -308,14 +285,9 @@ fn unload_under_unread_bytes(mode: Mode) -> String {
 
 #[test]
 fn unloading_the_node_never_drops_unread_bytes() {
-    let mut failures = Vec::new();
-    for mode in MODES {
-        let got = unload_under_unread_bytes(mode);
-        if got != "ok" {
-            failures.push(format!("{}: {got}", mode.as_str()));
-        }
-    }
-    assert!(failures.is_empty(), "bytes sent before the unload: {failures:#?}");
+    in_every_mode("bytes sent before the unload", |mode| {
+        Some(unload_under_unread_bytes(mode)).filter(|got| got != "ok")
+    });
 }
 
 /// Invariant 3 ("never hang an application"): MSG_ZEROCOPY. A sender that
@@ -343,17 +315,9 @@ fn zerocopy_completion(mode: Mode) -> String {
 
 #[test]
 fn a_zerocopy_sender_gets_its_completion() {
-    let mut failures = Vec::new();
-    for mode in MODES {
-        let done = zerocopy_completion(mode);
-        if !done.starts_with("ok ") {
-            failures.push(format!("{}: {done}", mode.as_str()));
-        }
-    }
-    assert!(
-        failures.is_empty(),
-        "MSG_ZEROCOPY senders waiting for their completion: {failures:#?}"
-    );
+    in_every_mode("MSG_ZEROCOPY senders waiting for their completion", |mode| {
+        Some(zerocopy_completion(mode)).filter(|done| !done.starts_with("ok "))
+    });
 }
 
 /// The receive queue of pod `pod`'s established sockets on local `port`
@@ -382,25 +346,15 @@ fn recv_q(bed: &Bed, pod: char, port: u16) -> Vec<u64> {
 /// more TCP bytes must still get it at once, as on TCP.
 fn blocked_reader_at_resume(mode: Mode, lowat: bool) -> (String, u64) {
     let bed = Bed::new(mode);
-    bed.inbound_redirect("8080");
-    let mut proxy = bed.script('b', Some(1337));
-    let mut client = bed.script(
-        'a',
-        if mode == Mode::All || mode == Mode::Off {
-            None
-        } else {
-            Some(1337)
-        },
-    );
-    proxy.ok("listen l 0.0.0.0:15006");
-    client.ok(&format!("connect c {B_V4}:8080"));
-    proxy.ok("accept s l");
-    let c0 = bed.counters();
-    client.peer.send_line("send c FLOOD. 600000");
-    if mode != Mode::Off {
-        wait_for("the bound to act", Duration::from_secs(10), || {
-            bed.counters().get(Counter::ReceiverFull) > c0.get(Counter::ReceiverFull)
-        });
+    let (mut proxy, mut client) = bed.proxy_leg(if mode == Mode::All || mode == Mode::Off {
+        None
+    } else {
+        Some(1337)
+    });
+    if mode == Mode::Off {
+        client.peer.send_line("send c FLOOD. 600000");
+    } else {
+        bed.flood_past_the_bound(&mut client);
     }
     // All but the last 60000 bytes (TCP bytes: the queued ones come first).
     proxy.ok("expect s FLOOD. 590000");
@@ -434,8 +388,7 @@ fn blocked_reader_at_resume(mode: Mode, lowat: bool) -> (String, u64) {
 }
 
 fn blocked_reader_at_resume_all_modes(lowat: bool) {
-    let mut failures = Vec::new();
-    for mode in MODES {
+    in_every_mode("a blocked reader when the direction resumed", |mode| {
         let (got, resumed) = blocked_reader_at_resume(mode, lowat);
         // "ok BYTES MS ms TEXT".
         let mut w = got.split_whitespace();
@@ -450,18 +403,8 @@ fn blocked_reader_at_resume_all_modes(lowat: bool) {
         } else {
             bytes == Some("60060") && ms <= 1000
         };
-        if !held {
-            failures.push(format!(
-                "{}: {} (resumed {resumed})",
-                mode.as_str(),
-                got.chars().take(40).collect::<String>()
-            ));
-        }
-    }
-    assert!(
-        failures.is_empty(),
-        "a blocked reader when the direction resumed: {failures:#?}"
-    );
+        (!held).then(|| format!("{} (resumed {resumed})", got.chars().take(40).collect::<String>()))
+    });
 }
 
 /// Works on 451cc84: the reader returns 60000 of 60060 bytes at its 3 s
@@ -538,21 +481,12 @@ fn repair_hijack(mode: Mode) -> (String, String, String) {
 /// B derives from the source IP's registration.
 #[test]
 fn a_tcp_repair_socket_cannot_take_over_a_waiting_proxy_socket() {
-    let mut failures = Vec::new();
-    for mode in MODES {
+    in_every_mode("a TCP_REPAIR socket with the victim's ISNs", |mode| {
         let (victim, attacker, b) = repair_hijack(mode);
         // The attacker's socket gets nothing (it may see its reset).
-        if victim != "ok" || !(attacker == "ok" || attacker.starts_with("ok error")) || b != "ok" {
-            failures.push(format!(
-                "{}: victim {victim:?}, attacker {attacker:?}, B's proxy {b:?}",
-                mode.as_str()
-            ));
-        }
-    }
-    assert!(
-        failures.is_empty(),
-        "a TCP_REPAIR socket with the victim's ISNs: {failures:#?}"
-    );
+        (victim != "ok" || !(attacker == "ok" || attacker.starts_with("ok error")) || b != "ok")
+            .then(|| format!("victim {victim:?}, attacker {attacker:?}, B's proxy {b:?}"))
+    });
 }
 
 /// A cgroup v1 memory group with a TCP memory limit
@@ -620,14 +554,9 @@ fn receiver_at_its_memory_limit(mode: Mode) -> String {
 #[test]
 #[ignore = "kernel limit: a redirect is charged to the receiver's memory limit and fails the sender (RELIABILITY.md, hazard 12)"]
 fn a_receiver_at_its_memory_limit_never_fails_the_sender() {
-    let mut failures = Vec::new();
-    for mode in MODES {
-        let r = receiver_at_its_memory_limit(mode);
-        if r != "ok" {
-            failures.push(format!("{}: {r}", mode.as_str()));
-        }
-    }
-    assert!(failures.is_empty(), "the sender's writes: {failures:#?}");
+    in_every_mode("the sender's writes", |mode| {
+        Some(receiver_at_its_memory_limit(mode)).filter(|r| r != "ok")
+    });
 }
 
 /// Packets counted by the first rule of `chain` (filter table) in pod `pod`.
@@ -1089,17 +1018,11 @@ fn unusual_readers(mode: Mode) -> (String, String) {
 #[test]
 #[ignore = "kernel limit: the redirected receive path ignores MSG_TRUNC and SO_PEEK_OFF (RELIABILITY.md, hazard 12)"]
 fn msg_trunc_and_peek_offset_readers_see_tcp_semantics() {
-    let mut failures = Vec::new();
-    for mode in MODES {
+    in_every_mode("unusual readers", |mode| {
         let (discard, peeks) = unusual_readers(mode);
-        if discard != "ok 80 / ok" || peeks != "ok 01234 ok 56789" {
-            failures.push(format!(
-                "{}: MSG_TRUNC {discard:?}; SO_PEEK_OFF peeks {peeks:?}",
-                mode.as_str()
-            ));
-        }
-    }
-    assert!(failures.is_empty(), "unusual readers: {failures:#?}");
+        (discard != "ok 80 / ok" || peeks != "ok 01234 ok 56789")
+            .then(|| format!("MSG_TRUNC {discard:?}; SO_PEEK_OFF peeks {peeks:?}"))
+    });
 }
 
 /// Writers across the resume: after the bound sent a direction into a proxy
@@ -1118,17 +1041,8 @@ fn every_writer_keeps_the_order_across_a_resume() {
     };
     for mode in [Mode::All, Mode::ProxyOnly] {
         let bed = Bed::new(mode);
-        bed.inbound_redirect("8080");
-        let mut proxy = bed.script('b', Some(1337));
-        let mut client = bed.script('a', (mode == Mode::ProxyOnly).then_some(1337));
-        proxy.ok("listen l 0.0.0.0:15006");
-        client.ok(&format!("connect c {B_V4}:8080"));
-        proxy.ok("accept s l");
-        let c0 = bed.counters();
-        client.peer.send_line("send c FLOOD. 600000");
-        wait_for("the bound to act", Duration::from_secs(10), || {
-            bed.counters().get(Counter::ReceiverFull) > c0.get(Counter::ReceiverFull)
-        });
+        let (mut proxy, mut client) = bed.proxy_leg((mode == Mode::ProxyOnly).then_some(1337));
+        bed.flood_past_the_bound(&mut client);
         proxy.ok("expect s FLOOD. 600000");
         assert_eq!(client.peer.line(Duration::from_secs(30)), "ok 3600000");
         let c1 = bed.counters();
@@ -1192,8 +1106,7 @@ fn every_writer_keeps_the_order_across_a_resume() {
 #[test]
 #[ignore = "kernel limit: the redirected receive path ignores MSG_WAITALL (RELIABILITY.md, hazard 12)"]
 fn a_waitall_read_returns_everything_it_asked_for() {
-    let mut failures = Vec::new();
-    for mode in MODES {
+    in_every_mode("recv(MSG_WAITALL)", |mode| {
         let bed = Bed::new(mode);
         let (mut client, mut server, _) = leg(&bed);
         client.ok("send c FIRST. 10");
@@ -1216,15 +1129,8 @@ fn a_waitall_read_returns_everything_it_asked_for() {
             mode.as_str(),
             got.chars().take(30).collect::<String>()
         );
-        if !got.starts_with("ok 120 ") {
-            failures.push(format!(
-                "{}: {}",
-                mode.as_str(),
-                got.chars().take(30).collect::<String>()
-            ));
-        }
-    }
-    assert!(failures.is_empty(), "recv(MSG_WAITALL): {failures:#?}");
+        (!got.starts_with("ok 120 ")).then(|| got.chars().take(30).collect::<String>())
+    });
 }
 
 /// A proxy connection hairpinning through its own pod IP: A's proxy
